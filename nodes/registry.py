@@ -1,0 +1,9 @@
+"""The list of node classes the pack registers. Node ids are API: workflows store them."""
+
+from __future__ import annotations
+
+
+def node_classes() -> list[type]:
+    classes: list[type] = []
+    # Each node family lives in its own module; they are appended here as they land.
+    return classes
