@@ -170,7 +170,7 @@ class TrainConfig:
                 raise DCOError(f"The new token {token!r} must be one word without spaces, such as <dog>.")
             if not isinstance(word, str):
                 raise DCOError(f"The initializer word of {token} must be text, not {word!r}.")
-        if self.train_text_encoder_ti and not self.tokens:
+        if self.train_text_encoder_ti and not self.tokens and not self.config_dir:  # config.json may name them
             raise DCOError(
                 "train_text_encoder_ti is on but no new tokens are given; set tokens such as '<dog>=dog' "
                 "or turn textual inversion off (the style recipe trains no tokens)."

@@ -63,14 +63,14 @@ def dco_loss(
         err_ref = err_ref * weights if err_ref is not None else None
     if beta <= 0 or err_ref is None:
         loss = err_model.mean()
-        stats = LossStats(float(loss), float(err_model.mean()), None if err_ref is None else float(err_ref.mean()), None)
-        if err_ref is not None:
-            stats.reward_gap = float(err_ref.mean() - err_model.mean())
+        m = float(err_model.detach().mean())
+        r = None if err_ref is None else float(err_ref.detach().mean())
+        stats = LossStats(float(loss.detach()), m, r, None if r is None else r - m)
         return loss, stats
     err_ref = err_ref.detach()
     if per_sample:
         loss = -F.logsigmoid(-beta * (err_model - err_ref)).mean()
     else:
         loss = -F.logsigmoid(-beta * (err_model.mean() - err_ref.mean()))
-    m, r = float(err_model.mean()), float(err_ref.mean())
-    return loss, LossStats(float(loss), m, r, r - m)
+    m, r = float(err_model.detach().mean()), float(err_ref.mean())
+    return loss, LossStats(float(loss.detach()), m, r, r - m)

@@ -1,7 +1,7 @@
 """A tiny SDXL-shaped model with random weights, built in code (no download).
 
-It has SDXL's structure at toy sizes: two CLIP text encoders (hidden 32 + 32 = cross-attention
-width 64, three layers each since SDXL reads the penultimate one), a `text_time` UNet whose added
+It has SDXL's structure at toy sizes: two CLIP text encoders (hidden 64 + 64 = cross-attention
+width 128, three layers each since SDXL reads the penultimate one), a `text_time` UNet whose added
 conditioning is CLIP-G's projection plus 6 time ids x 256, a 4-level KL VAE (x8), SDXL's noise
 schedule, and CLIP BPE tokenizers whose vocab and merges files are written here. The demo trains
 on it and the tests use it; the layout also matches the tiny ComfyUI SDXL the node tests build.
@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-HIDDEN_L = 32
-HIDDEN_G = 32
+from .models import SDXL_SCHEDULER, SDXLComponents
+from .text import fix_eos_pooling
+
+HIDDEN_L = 64  # one attention head of width 64, the head width of the real CLIPs and UNet
+HIDDEN_G = 64
 TIME_EMBED_DIM = 256  # SDXL (and ComfyUI) embed each time id with 256 sinusoidal features
 WORDS = (
     "a an the of in on at with and photo picture painting drawing sketch style flat cartoon "
@@ -39,7 +41,7 @@ UNET_CONFIG: dict[str, Any] = dict(
     block_out_channels=(32, 64),
     layers_per_block=1,
     transformer_layers_per_block=(1, 1),
-    attention_head_dim=(2, 4),  # heads per level; head width 16 as in the tiny ComfyUI model
+    attention_head_dim=(1, 1),  # heads per level: width-64 heads, as SDXL (the 32-wide level has no attention)
     cross_attention_dim=HIDDEN_L + HIDDEN_G,
     use_linear_projection=True,
     addition_embed_type="text_time",
@@ -61,17 +63,6 @@ VAE_CONFIG: dict[str, Any] = dict(
     scaling_factor=0.13025,
 )
 
-SCHEDULER_CONFIG: dict[str, Any] = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    prediction_type="epsilon",
-    steps_offset=1,
-    timestep_spacing="leading",
-    interpolation_type="linear",
-    use_karras_sigmas=False,
-)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -144,7 +135,7 @@ def text_encoder_config(vocab_size: int, eos_token_id: int, hidden: int, act: st
         hidden_size=hidden,
         intermediate_size=hidden * 4,
         num_hidden_layers=3,
-        num_attention_heads=2,
+        num_attention_heads=hidden // 64,
         max_position_embeddings=77,
         hidden_act=act,
         projection_dim=projection or hidden,
@@ -154,28 +145,7 @@ def text_encoder_config(vocab_size: int, eos_token_id: int, hidden: int, act: st
     )
 
 
-@dataclass
-class TinySDXL:
-    """The components of a tiny SDXL, with the same attribute names as a diffusers pipeline."""
-
-    unet: Any
-    vae: Any
-    text_encoder: Any
-    text_encoder_2: Any
-    tokenizer: Any
-    tokenizer_2: Any
-    scheduler: Any
-
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write a diffusers-format folder (what `--pretrained_model_name_or_path` accepts)."""
-        from diffusers import StableDiffusionXLPipeline
-
-        pipe = StableDiffusionXLPipeline(**self.__dict__)
-        pipe.save_pretrained(str(folder), safe_serialization=True)
-        return Path(folder)
-
-
-def build_tiny_sdxl(seed: int = 0, tokenizer_dir: str | os.PathLike | None = None) -> TinySDXL:
+def build_tiny_sdxl(seed: int = 0, tokenizer_dir: str | os.PathLike | None = None) -> SDXLComponents:
     """Random-weight tiny SDXL components; the same seed gives the same weights."""
     import tempfile
 
@@ -208,7 +178,9 @@ def build_tiny_sdxl(seed: int = 0, tokenizer_dir: str | os.PathLike | None = Non
         for name, p in unet.named_parameters():
             if p.abs().sum() == 0 and p.ndim > 1:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    scheduler = EulerDiscreteScheduler(**SCHEDULER_CONFIG)
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
     for m in (unet, vae, text_encoder, text_encoder_2):
         m.eval()
-    return TinySDXL(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler)
+    for tok, enc in ((tokenizer, text_encoder), (tokenizer_2, text_encoder_2)):
+        fix_eos_pooling(enc, tok)
+    return SDXLComponents(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler)

@@ -1,0 +1,289 @@
+"""Training data: which images, which captions, and the latents the loop trains on.
+
+Two sources are read:
+- a folder of images with same-name `.txt` captions (the kohya convention);
+- the reference `config.json` (`{name: {images, prompts, base_prompts?, inserting_tokens?,
+  initializer_tokens?}}`), whose relative image paths are tried against the working directory,
+  the config's folder and then each of its parent folders (the reference ran from its repo root).
+
+Base prompts that are not given are derived from the token -> word map. Images are EXIF-rotated,
+flattened onto white if they have alpha, resized to cover the target size and cropped, and the
+SDXL size/crop conditioning is recorded. Latents are VAE-encoded once: the latent distribution's
+mean and std are cached (and those of the mirrored image when flips are on), and the loop draws
+`mean + std * noise` from its own generator, so caching changes nothing in the maths.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .config import TrainConfig
+from .errors import DCOError
+from .text import replace_tokens
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class Sample:
+    image: Path
+    prompt: str
+    base_prompt: str
+
+
+@dataclass
+class DatasetSpec:
+    samples: list[Sample]
+    tokens: dict[str, str]
+    source: str
+
+
+# ------------------------------------------------------------------------------- reading specs
+def _resolve_image(raw: str, config_path: Path) -> Path:
+    path = Path(raw)
+    if path.is_absolute():
+        return path
+    candidates = [Path.cwd() / path, config_path.parent / path]
+    candidates += [parent / path for parent in config_path.resolve().parents]
+    for c in candidates:
+        if c.is_file():
+            return c
+    return config_path.parent / path
+
+
+def _read_config_json(path: Path, name: str | None) -> tuple[list[Path], list[str], list[str] | None, dict[str, str]]:
+    if not path.is_file():
+        raise DCOError(f"The config file {path} does not exist.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DCOError(f"{path} is not valid JSON ({exc}).") from exc
+    if not isinstance(data, dict) or not data:
+        raise DCOError(f"{path} must hold a JSON object of named configs, such as {{\"full_ti\": {{...}}}}.")
+    if name is None:
+        if len(data) != 1:
+            raise DCOError(f"{path} holds several configs; choose one with config_name: {', '.join(data)}.")
+        name = next(iter(data))
+    if name not in data:
+        raise DCOError(f"{path} has no config named {name!r}; the available names are: {', '.join(data)}.")
+    entry = data[name]
+    where = f"{path} [{name}]"
+    if not isinstance(entry, dict) or "images" not in entry or "prompts" not in entry:
+        raise DCOError(f"{where} needs an 'images' list and a 'prompts' list.")
+    images, prompts = entry["images"], entry["prompts"]
+    if not isinstance(images, list) or not isinstance(prompts, list) or not images:
+        raise DCOError(f"{where}: 'images' and 'prompts' must be non-empty lists.")
+    if len(images) != len(prompts):
+        raise DCOError(f"{where} has {len(images)} images but {len(prompts)} prompts; give one prompt per image.")
+    base = entry.get("base_prompts")
+    if base is not None and len(base) != len(images):
+        raise DCOError(f"{where} has {len(images)} images but {len(base)} base_prompts; give one per image.")
+    inserting = entry.get("inserting_tokens") or []
+    initial = entry.get("initializer_tokens") or [""] * len(inserting)
+    if len(initial) != len(inserting):
+        raise DCOError(f"{where}: inserting_tokens and initializer_tokens must have the same length.")
+    return [_resolve_image(str(p), path) for p in images], [str(p) for p in prompts], base, dict(zip(inserting, initial))
+
+
+def _read_folder(folder: Path, caption_ext: str = ".txt") -> tuple[list[Path], list[str]]:
+    if not folder.is_dir():
+        raise DCOError(f"The dataset folder {folder} does not exist.")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise DCOError(
+            f"The dataset folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}); put the training "
+            "images there with a same-name .txt caption each."
+        )
+    prompts = []
+    for img in images:
+        cap = img.with_suffix(caption_ext)
+        if not cap.is_file():
+            raise DCOError(f"{img.name} has no caption file {cap.name}; write its caption there.")
+        text = " ".join(cap.read_text(encoding="utf-8").split())
+        if not text:
+            raise DCOError(f"The caption file {cap} is empty.")
+        prompts.append(text)
+    return images, prompts
+
+
+def load_dataset_spec(cfg: TrainConfig) -> DatasetSpec:
+    """Read the images and captions `cfg` points at and derive the base prompts."""
+    tokens = dict(cfg.tokens)
+    base: list[str] | None = None
+    if cfg.config_dir:
+        images, prompts, base, config_tokens = _read_config_json(Path(cfg.config_dir), cfg.config_name)
+        tokens = {**config_tokens, **tokens}
+        source = f"{cfg.config_dir} [{cfg.config_name or 'only entry'}]"
+    elif cfg.data_dir:
+        images, prompts = _read_folder(Path(cfg.data_dir))
+        source = str(cfg.data_dir)
+    else:
+        raise DCOError("No training data: set data_dir (a folder of images with .txt captions) or config_dir.")
+    for img in images:
+        if not img.is_file():
+            raise DCOError(f"The training image {img} does not exist.")
+    if cfg.train_text_encoder_ti:
+        if not tokens:
+            raise DCOError("Textual inversion is on but no tokens are set; give tokens such as <dog>=dog.")
+        for img, prompt in zip(images, prompts):
+            if not any(t in prompt for t in tokens):
+                raise DCOError(
+                    f"The caption of {img.name} ({prompt!r}) does not contain {' or '.join(tokens)}; every "
+                    "caption must name the subject with its token."
+                )
+    word_map = tokens if cfg.train_text_encoder_ti else {}
+    bases = list(base) if base is not None else [replace_tokens(p, word_map) for p in prompts]
+    samples = [Sample(i, p, b) for i, p, b in zip(images, prompts, bases)]
+    return DatasetSpec(samples=samples, tokens=tokens if cfg.train_text_encoder_ti else {}, source=source)
+
+
+# ------------------------------------------------------------------------------- images
+def open_rgb(path: Path):
+    """Open an image as RGB: EXIF rotation applied, alpha flattened onto white, greyscale expanded."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            image = ImageOps.exif_transpose(im)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DCOError(f"Cannot read the image {path}: {exc}. Replace or remove it.") from exc
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert("RGB")
+
+
+def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
+    """(height, width) buckets of about resolution² pixels, multiples of 64."""
+    from diffusers.training_utils import generate_aspect_ratio_buckets
+
+    return [tuple(b) for b in generate_aspect_ratio_buckets(resolution, divisibility=64)]
+
+
+def target_size(width: int, height: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(height, width) the image is trained at."""
+    if not cfg.buckets:
+        return cfg.resolution, cfg.resolution
+    from diffusers.training_utils import find_nearest_bucket
+
+    buckets = bucket_sizes(cfg.resolution)
+    return buckets[find_nearest_bucket(height, width, buckets)]
+
+
+def prepare_image(image, size: tuple[int, int], center: bool = True, generator: torch.Generator | None = None):
+    """Resize to cover `size` (h, w) and crop; returns the tensor in [-1, 1] and SDXL time ids."""
+    from PIL import Image
+
+    th, tw = size
+    w, h = image.size
+    scale = max(th / h, tw / w)
+    nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
+    resized = image.resize((nw, nh), Image.BICUBIC)
+    if center:
+        top, left = (nh - th) // 2, (nw - tw) // 2
+    else:
+        g = generator or torch.Generator().manual_seed(0)
+        top = int(torch.randint(0, nh - th + 1, (1,), generator=g))
+        left = int(torch.randint(0, nw - tw + 1, (1,), generator=g))
+    crop = resized.crop((left, top, left + tw, top + th))
+    import numpy as np
+
+    arr = torch.from_numpy(np.asarray(crop, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+    time_ids = torch.tensor([h, w, top, left, th, tw], dtype=torch.float32)
+    return arr, time_ids
+
+
+# ------------------------------------------------------------------------------- latents
+@dataclass
+class LatentItem:
+    """One training image in latent space (already multiplied by the VAE scaling factor)."""
+
+    mean: torch.Tensor  # [C, h, w]
+    std: torch.Tensor | None  # [C, h, w] or None for a fixed latent
+    time_ids: torch.Tensor  # [6]
+    prompt: str
+    base_prompt: str
+    flipped: "LatentItem | None" = None
+    image_path: Path | None = None
+
+    def draw(self, generator: torch.Generator, flip: bool) -> torch.Tensor:
+        item = self.flipped if flip and self.flipped is not None else self
+        if item.std is None:
+            return item.mean
+        noise = torch.randn(item.mean.shape, generator=generator, dtype=torch.float32)
+        return item.mean + item.std * noise.to(item.mean.device)
+
+
+@dataclass
+class TrainData:
+    items: list[LatentItem]
+    tokens: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+    encode_fn: Callable[[int, torch.Generator], LatentItem] | None = None  # random crops: re-encode
+
+    def bucket_groups(self) -> list[list[int]]:
+        """Indices grouped by latent shape (one group unless buckets are on)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, item in enumerate(self.items):
+            groups.setdefault(tuple(item.mean.shape), []).append(i)
+        return list(groups.values())
+
+
+@torch.no_grad()
+def _encode(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    dist = vae.encode(pixels[None].to(device=device, dtype=dtype)).latent_dist
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((dist.mean[0].float() - shift) * scale), (dist.std[0].float() * scale)
+
+
+def encode_dataset(
+    vae: Any, spec: DatasetSpec, cfg: TrainConfig, progress: Callable[[int, int], None] | None = None
+) -> TrainData:
+    """VAE-encode every image once (plus its mirror when flips are on)."""
+    items: list[LatentItem] = []
+    total = len(spec.samples)
+    for n, sample in enumerate(spec.samples):
+        image = open_rgb(sample.image)
+        size = target_size(*image.size, cfg)
+        pixels, time_ids = prepare_image(image, size, center=True)
+        mean, std = _encode(vae, pixels)
+        item = LatentItem(mean, std, time_ids, sample.prompt, sample.base_prompt, image_path=sample.image)
+        if cfg.random_flip:
+            fmean, fstd = _encode(vae, pixels.flip(-1))
+            item.flipped = LatentItem(fmean, fstd, time_ids, sample.prompt, sample.base_prompt)
+        items.append(item)
+        if progress:
+            progress(n + 1, total)
+    data = TrainData(items=items, tokens=spec.tokens, source=spec.source)
+    if not cfg.center_crop:
+
+        def encode_random_crop(index: int, generator: torch.Generator) -> LatentItem:
+            sample = spec.samples[index]
+            image = open_rgb(sample.image)
+            pixels, time_ids = prepare_image(image, target_size(*image.size, cfg), center=False, generator=generator)
+            mean, std = _encode(vae, pixels)
+            return LatentItem(mean, std, time_ids, sample.prompt, sample.base_prompt)
+
+        data.encode_fn = encode_random_crop
+    return data
+
+
+def latents_from_tensors(
+    latents: Sequence[torch.Tensor], prompts: Sequence[str], base_prompts: Sequence[str], time_ids: Sequence[torch.Tensor],
+    tokens: dict[str, str] | None = None,
+) -> TrainData:
+    """Training data from latents encoded elsewhere (the ComfyUI node encodes with the graph's VAE)."""
+    items = [LatentItem(lat.float(), None, t.float(), p, b) for lat, p, b, t in zip(latents, prompts, base_prompts, time_ids)]
+    return TrainData(items=items, tokens=dict(tokens or {}))

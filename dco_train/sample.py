@@ -1,0 +1,236 @@
+"""Reward-guidance sampling for diffusers SDXL components (DESIGN 2.4), any size, batch, scheduler.
+
+Per step, with the LoRA (every adapter on the UNet, and the text encoders' if any) switched off
+for the negative and base passes and on for the token pass:
+
+    ε = ε_ref(∅) + cfg · (ε_ref(c_base) − ε_ref(∅)) + rg · (ε_θ(c) − ε_ref(c_base))
+
+The negative and base passes run as one batch; rg = 0 is plain CFG with the fine-tuned model on
+the token prompt and costs no extra pass. cfg = 1 drops only the negative pass (its weight is 0);
+reward guidance, the LoRA and the tokens are honoured at every cfg.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .errors import DCOError
+from .formats import LORA_PREFIXES, load_embeddings, load_lora
+from .lora import lora_disabled
+from .models import SDXLComponents
+from .rg import cfg_mix, rg_mix
+from .text import PromptEmbeds, encode_prompts, replace_tokens
+from .ti import TokenSet, install_embeddings
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+}
+
+
+@dataclass
+class SampleSettings:
+    prompt: str
+    base_prompt: str | None = None  # derived from the token -> word map when None
+    negative_prompt: str = ""
+    cfg: float = 7.5
+    rg: float = 3.0
+    steps: int = 30
+    scheduler: str = "euler"
+    seed: int = 0
+    width: int = 1024
+    height: int = 1024
+    num_images: int = 1
+
+    def __post_init__(self) -> None:
+        if self.width % 8 or self.height % 8 or self.width < 8 or self.height < 8:
+            raise DCOError(f"width and height must be positive multiples of 8, not {self.width}x{self.height}.")
+        if self.steps < 1 or self.num_images < 1:
+            raise DCOError("steps and num_images must be at least 1.")
+
+
+def make_scheduler(name: str, config: Any):
+    """A diffusers scheduler by short name (euler, dpmpp_2m, ...) or class name, on this model's schedule."""
+    import diffusers
+
+    cls_name, extra = SCHEDULERS.get(name, (name, {}))
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise DCOError(f"Unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)} or a diffusers scheduler class name.")
+    return cls.from_config({**dict(config), **extra})
+
+
+@dataclass
+class LoadedAdapters:
+    """What `load_adapters` put on the components, so `unload` can take it off again."""
+
+    names: list[str] = field(default_factory=list)
+    token_set: TokenSet | None = None
+    word_map: dict[str, str] = field(default_factory=dict)
+
+
+def _module_names(model: torch.nn.Module, prefix: str, text: bool) -> dict[str, str]:
+    names = {}
+    for name, _ in model.named_modules():
+        full = name if (not text or name.startswith("text_model.")) else "text_model." + name
+        names[prefix + "_" + full.replace(".", "_")] = name
+    return names
+
+
+def load_adapters(
+    comps: SDXLComponents, loras: Sequence[tuple[str | Path, float]], embeddings: str | Path | None = None,
+    tokens: Sequence[str] | None = None,
+) -> LoadedAdapters:
+    """Put LoRA files (each with its weight) on the UNet/text encoders as peft adapters and make an
+    embeddings file's tokens usable. All adapters are active together (a merge) when the LoRA is on."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    loaded = LoadedAdapters()
+    models = {"unet": comps.unet, "text_encoder": comps.text_encoder, "text_encoder_2": comps.text_encoder_2}
+    for i, (path, weight) in enumerate(loras):
+        lora = load_lora(path)
+        name = f"lora{i}"
+        for component, modules in lora.modules.items():
+            model = models[component]
+            table = _module_names(model, LORA_PREFIXES[component], text=component != "unet")
+            unknown = [k for k in modules if k not in table]
+            if unknown:
+                raise DCOError(
+                    f"{Path(path).name}: {len(unknown)} LoRA modules do not exist in this model's {component} "
+                    f"(e.g. {unknown[0]}); the LoRA was made for another architecture."
+                )
+            targets = {table[k]: m for k, m in modules.items()}
+            config = LoraConfig(
+                r=max(m.rank for m in targets.values()), lora_alpha=1.0, target_modules=list(targets),
+                rank_pattern={f"^{k}$".replace(".", r"\."): m.rank for k, m in targets.items()},
+                alpha_pattern={f"^{k}$".replace(".", r"\."): m.alpha for k, m in targets.items()},
+            )
+            inject_adapter_in_model(config, model, adapter_name=name)
+            with torch.no_grad():
+                for module_name, m in targets.items():
+                    layer = model.get_submodule(module_name)
+                    layer.lora_A[name].weight.copy_(m.down.to(layer.lora_A[name].weight))
+                    layer.lora_B[name].weight.copy_((m.up.float() * weight).to(layer.lora_B[name].weight))
+        loaded.names.append(name)
+        if not loaded.word_map and lora.metadata.get("dco.tokens"):
+            import json
+
+            loaded.word_map = dict(zip(json.loads(lora.metadata["dco.tokens"]), json.loads(lora.metadata.get("dco.initializers", "[]"))))
+    for model in models.values():
+        for layer in model.modules():
+            if isinstance(layer, BaseTunerLayer) and loaded.names:
+                layer.set_adapter([n for n in loaded.names if n in layer.lora_A])
+    if embeddings is not None:
+        emb = load_embeddings(embeddings, list(tokens) if tokens else None)
+        loaded.token_set = install_embeddings(comps.tokenizers, comps.text_encoders, emb)
+        loaded.word_map = {**loaded.word_map, **emb.word_map}
+    return loaded
+
+
+def _encode(comps: SDXLComponents, prompts: list[str], lora_on: bool) -> PromptEmbeds:
+    ctx = contextlib.nullcontext() if lora_on else lora_disabled(*comps.text_encoders)
+    with ctx:
+        return encode_prompts(comps.tokenizers, comps.text_encoders, prompts)
+
+
+@torch.no_grad()
+def rg_sample(
+    comps: SDXLComponents, s: SampleSettings, word_map: dict[str, str] | None = None,
+    autocast: Callable[[], Any] = contextlib.nullcontext, decode: Callable[[torch.Tensor], list[Any]] | None = None,
+    output_type: str = "pil",
+):
+    """Sample `s.num_images` images with reward guidance; returns PIL images (or latents)."""
+    unet = comps.unet
+    device = next(unet.parameters()).device
+    base_prompt = s.base_prompt if s.base_prompt is not None else replace_tokens(s.prompt, word_map or {})
+    n = s.num_images
+    scheduler = make_scheduler(s.scheduler, comps.scheduler.config)
+    scheduler.set_timesteps(s.steps, device=device)
+    generator = torch.Generator().manual_seed(s.seed)
+    h, w = s.height // 8, s.width // 8
+    latents = torch.randn((n, unet.config.in_channels, h, w), generator=generator).to(device)
+    latents = latents * scheduler.init_noise_sigma
+    use_neg = s.cfg != 1.0
+    with autocast():
+        token = _encode(comps, [s.prompt] * n, lora_on=True)
+        ref_prompts = ([s.negative_prompt] * n if use_neg else []) + ([base_prompt] * n if s.rg != 0 else [])
+        if s.rg == 0 and use_neg:  # plain CFG with the fine-tuned model: its negative has the LoRA on
+            neg = _encode(comps, [s.negative_prompt] * n, lora_on=True)
+        ref = _encode(comps, ref_prompts, lora_on=False) if ref_prompts else None
+    time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=torch.float32, device=device)
+
+    def call(x: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds) -> torch.Tensor:
+        k = cond.embeds.shape[0] // n
+        with autocast():
+            out = unet(torch.cat([x] * k), t, encoder_hidden_states=cond.embeds.to(device),
+                       added_cond_kwargs={"text_embeds": cond.pooled.to(device), "time_ids": time_ids.repeat(k * n, 1)}).sample
+        return out.float()
+
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(latents, t)
+        if s.rg == 0:
+            conds = PromptEmbeds.cat([neg, token]) if use_neg else token
+            out = call(x_in, t, conds)
+            eps = cfg_mix(out[:n], out[n:], s.cfg) if use_neg else out
+        else:
+            with lora_disabled(unet):
+                r = call(x_in, t, ref)
+            e_neg, e_base = (r[:n], r[n:]) if use_neg else (None, r)
+            e_tok = call(x_in, t, token)
+            eps = rg_mix(e_neg if use_neg else e_base, e_base, e_tok, s.cfg if use_neg else 1.0, s.rg)
+        latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
+    if output_type == "latent":
+        return latents
+    return (decode or (lambda z: decode_latents(comps.vae, z)))(latents)
+
+
+@torch.no_grad()
+def decode_latents(vae: Any, latents: torch.Tensor) -> list[Any]:
+    from PIL import Image
+
+    if vae is None:
+        raise DCOError("No VAE to decode the samples with.")
+    param = next(vae.parameters())
+    z = latents.to(param.device, torch.float32) / vae.config.scaling_factor
+    if param.dtype != torch.float32:  # SDXL's VAE overflows in fp16
+        vae.to(dtype=torch.float32)
+    images = vae.decode(z).sample
+    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def render_previews(comps: SDXLComponents, cfg: Any, token_set: TokenSet | None, autocast: Callable[[], Any],
+                    decode: Callable[[torch.Tensor], list[Any]] | None = None) -> list[Any]:
+    """The training previews: every validation prompt with RG at a fixed seed, with the LoRA and
+    TI rows as they are now. Train/eval modes are put back; no training RNG is consumed."""
+    modes = [(m, m.training) for m in (comps.unet, *comps.text_encoders)]
+    for m, _ in modes:
+        m.eval()
+    try:
+        word_map = token_set.word_map if token_set else {}
+        images = []
+        for prompt in cfg.validation_prompts:
+            s = SampleSettings(prompt=prompt, cfg=cfg.validation_cfg, rg=cfg.validation_rg, steps=cfg.validation_steps,
+                               seed=cfg.validation_seed, width=cfg.resolution, height=cfg.resolution)
+            images += rg_sample(comps, s, word_map, autocast=autocast, decode=decode)
+        return images
+    finally:
+        for m, mode in modes:
+            m.train(mode)

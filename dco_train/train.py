@@ -1,0 +1,560 @@
+"""The DCO training loop (DESIGN 2), on accelerate.
+
+`train(cfg, components, run)` trains a LoRA (and TI rows) on the given SDXL components and writes
+the LoRA and embeddings files. One step, per micro-batch:
+
+    x0 ~ cached latent distribution, ε ~ N(0, I) (+ offset noise), t ~ U{0..T-1}
+    err_ref   = |ε_ref(x_t, t, c_base) - target|²   LoRA off, no gradient (skipped when β <= 0)
+    err_model = |ε_θ(x_t, t, c) - target|²          LoRA on, TI rows spliced into c
+    loss      = -log σ(-β (err_model - err_ref))
+
+All randomness comes from one generator per process, and the data order is a function of
+(seed, epoch); a checkpoint stores both, so resuming is exact. Several processes (`accelerate
+launch`) each take their share of the global batch; gradients of the LoRA and TI rows are averaged
+with one all-reduce, so no DDP wrapper is needed around a model that is run twice per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import checkpoint as ckpt_io
+from .config import TrainConfig
+from .data import LatentItem, TrainData, encode_dataset, load_dataset_spec
+from .drift import DriftMeter
+from .errors import DCOError
+from .formats import save_embeddings, save_lora
+from .lora import TEXT_TARGETS, UNET_TARGETS, add_lora, load_lora_state_dict, lora_disabled, lora_state_dict
+from .loss import dco_loss, diffusion_target, min_snr_weight, per_sample_error
+from .models import SDXLComponents
+from .order import DataOrder
+from .text import PromptEmbeds, encode_prompts
+from .ti import TokenSet, add_tokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInfo:
+    """What the loop reports after every optimizer step (callbacks, logs, the ComfyUI chart)."""
+
+    step: int
+    total: int
+    loss: float
+    err_model: float
+    err_ref: float | None
+    reward_gap: float | None
+    lr: float
+    elapsed_s: float
+    eta_s: float
+    drift: float | None = None
+    fit: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Callbacks:
+    on_step: Callable[[StepInfo], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    on_preview: Callable[[int, list[Any]], None] | None = None
+    on_status: Callable[[str], None] | None = None
+
+
+@dataclass
+class RunOptions:
+    """Per-run settings that are never saved with the config."""
+
+    output_dir: Path
+    lora_path: Path | None = None  # default output_dir / "lora.safetensors"
+    embeddings_path: Path | None = None  # default output_dir / "embeddings.safetensors"
+    resume: str | None = None  # "latest" or a checkpoint folder
+    save_precision: str = "fp16"
+    log_with: str | None = "auto"  # "tensorboard", None, or "auto" (tensorboard when installed)
+    progress_bar: bool = True
+    cpu: bool = False
+    callbacks: Callbacks = field(default_factory=Callbacks)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir)
+        self.lora_path = Path(self.lora_path) if self.lora_path else self.output_dir / "lora.safetensors"
+        self.embeddings_path = Path(self.embeddings_path) if self.embeddings_path else self.output_dir / "embeddings.safetensors"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    @property
+    def log_path(self) -> Path:
+        return self.output_dir / "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    lora: Path | None
+    embeddings: Path | None
+    log: Path
+    checkpoints: list[Path]
+    step: int
+    stopped: bool
+    history: list[dict[str, Any]]
+    components: SDXLComponents
+    token_set: TokenSet | None
+
+
+def _make_accelerator(cfg: TrainConfig, run: RunOptions):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    mp = cfg.mixed_precision
+    cuda = torch.cuda.is_available() and not run.cpu
+    if mp == "auto":
+        mp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+    if mp == "fp16" and not cuda:
+        raise DCOError("fp16 mixed precision needs a CUDA GPU; use bf16 or no on the CPU.")
+    log_with = run.log_with
+    if log_with == "auto":
+        try:
+            import tensorboard  # noqa: F401
+
+            log_with = "tensorboard"
+        except ImportError:
+            log_with = None
+    project = ProjectConfiguration(project_dir=str(run.output_dir), logging_dir=str(run.output_dir / "tensorboard"))
+    # accelerate keeps its mixed-precision choice in a process-wide singleton; a long-lived process
+    # (ComfyUI, the tests) runs several trainings with different settings, so start each afresh.
+    # The distributed part (PartialState) is kept.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=mp, cpu=run.cpu, log_with=log_with, project_config=project), mp
+
+
+def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move a frozen module, casting only if its dtype differs (a no-op keeps shared storage)."""
+    p = next(module.parameters())
+    if p.device != device:
+        module.to(device)
+    if p.dtype != dtype:
+        module.to(dtype=dtype)
+
+
+def _sync_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Average the trainable gradients across processes with one flat all-reduce."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world
+    for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.copy_(g)
+
+
+class _Trainer:
+    """One run's state; `train()` below is the public entry point."""
+
+    def __init__(self, cfg: TrainConfig, comps: SDXLComponents, run: RunOptions, data: TrainData | None):
+        self.cfg, self.comps, self.run = cfg, comps, run
+        self.cb = run.callbacks
+        if not run.output_dir.is_dir() and not run.output_dir.parent.is_dir():
+            raise DCOError(
+                f"The output folder's parent {run.output_dir.parent} does not exist; create it or choose another "
+                "output folder."
+            )
+        self.acc, self.mp = _make_accelerator(cfg, run)
+        self.device = self.acc.device
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        self.is_main = self.acc.is_main_process
+        self.noise_scheduler = comps.training_scheduler(cfg.prediction_type)
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        self.status("Preparing data")
+        self.data = data if data is not None else self._encode_data()
+        if not self.data.items:
+            raise DCOError("The dataset is empty.")
+        if cfg.train_text_encoder_ti and not self.data.tokens:
+            self.data.tokens = dict(cfg.tokens)
+        self._place_models()
+        self.status("Caching prompt embeddings")
+        with torch.no_grad(), self.autocast():
+            prompts = sorted({it.base_prompt for it in self.data.items} | {it.prompt for it in self.data.items})
+            self.cache = {p: e.to(self.device) for p, e in zip(prompts, self._encode_each(prompts))}
+        self.token_set: TokenSet | None = None
+        params_ti: list[torch.nn.Parameter] = []
+        if cfg.train_text_encoder_ti:
+            self.token_set = add_tokens(comps.tokenizers, comps.text_encoders, self.data.tokens, seed=cfg.seed).attach()
+            params_ti = self.token_set.parameters()
+        self.params_unet = add_lora(comps.unet, cfg.rank, cfg.alpha, UNET_TARGETS, seed=cfg.seed)
+        self.params_te: list[torch.nn.Parameter] = []
+        if cfg.train_text_encoder_lora:
+            for i, enc in enumerate(comps.text_encoders):
+                self.params_te += add_lora(enc, cfg.rank, cfg.alpha, TEXT_TARGETS, seed=cfg.seed + 1 + i)
+        self.needs_text_grad = bool(params_ti or self.params_te)
+        self.trainable = self.params_unet + self.params_te + params_ti
+        groups = [{"params": self.params_unet, "lr": cfg.learning_rate}]
+        if self.params_te:
+            groups.append({"params": self.params_te, "lr": cfg.text_encoder_lr})
+        if params_ti:
+            groups.append({"params": params_ti, "lr": cfg.text_encoder_lr})
+        self.optimizer = self.acc.prepare_optimizer(self._optimizer(groups))
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(
+            cfg.lr_scheduler, optimizer=self.optimizer.optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+            num_training_steps=cfg.max_train_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
+        )
+        if cfg.gradient_checkpointing:
+            comps.unet.enable_gradient_checkpointing()
+            if self.needs_text_grad:
+                for enc in comps.text_encoders:
+                    enc.gradient_checkpointing_enable()
+                    enc.train()
+        self.generator = torch.Generator().manual_seed(cfg.seed * 1009 + self.rank)
+        self.order = DataOrder(self.data.bucket_groups(), cfg.train_batch_size * self.world, cfg.seed)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.checkpoints: list[Path] = []
+        self.drift = None
+        if cfg.drift_every:
+            self.drift = DriftMeter(
+                comps.unet, self._encode_batch, self.data.items, self.noise_scheduler, self.prediction_type,
+                cfg.drift_prompts, autocast=self.autocast,
+            )
+
+    # ------------------------------------------------------------------ helpers
+    def status(self, text: str) -> None:
+        log.info(text)
+        if self.cb.on_status:
+            self.cb.on_status(text)
+
+    def autocast(self):
+        return self.acc.autocast()
+
+    def _encode_data(self) -> TrainData:
+        if self.comps.vae is None:
+            raise DCOError("No VAE was given to encode the training images.")
+        spec = load_dataset_spec(self.cfg)
+        _move(self.comps.vae, self.device, torch.float32)
+        return encode_dataset(self.comps.vae, spec, self.cfg)
+
+    def _place_models(self) -> None:
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mp, torch.float32)
+        weight_dtype = dtype if self.device.type == "cuda" else torch.float32
+        for m in (self.comps.unet, *self.comps.text_encoders):
+            m.requires_grad_(False)
+            _move(m, self.device, weight_dtype)
+        self.comps.unet.train()
+        for item in self.data.items:
+            for it in (item, item.flipped):
+                if it is not None:
+                    it.mean = it.mean.to(self.device)
+                    it.std = it.std.to(self.device) if it.std is not None else None
+
+    def _encode_batch(self, prompts: list[str]) -> PromptEmbeds:
+        return encode_prompts(self.comps.tokenizers, self.comps.text_encoders, prompts)
+
+    def _encode_each(self, prompts: list[str]) -> list[PromptEmbeds]:
+        # one prompt at a time, so a cached embedding never depends on what it was batched with
+        return [self._encode_batch([p])[0:1] for p in prompts]
+
+    def _optimizer(self, groups: list[dict[str, Any]]):
+        kw = dict(betas=(self.cfg.adam_beta1, self.cfg.adam_beta2), eps=self.cfg.adam_epsilon,
+                  weight_decay=self.cfg.adam_weight_decay)
+        if self.cfg.use_8bit_adam:
+            if self.device.type != "cuda":
+                raise DCOError("8-bit AdamW needs a CUDA GPU; turn use_8bit_adam off on the CPU.")
+            try:
+                import bitsandbytes as bnb
+            except ImportError as exc:
+                raise DCOError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes.") from exc
+            return bnb.optim.AdamW8bit(groups, **kw)
+        return torch.optim.AdamW(groups, **kw)
+
+    # ------------------------------------------------------------------ one step
+    def _micro_step(self, indices: list[int]) -> tuple[torch.Tensor, Any]:
+        cfg, g = self.cfg, self.generator
+        if self.data.encode_fn is not None:  # random crops: the only reason to re-encode
+            items = [self.data.encode_fn(i, g) for i in indices]
+            for it in items:
+                it.mean, it.std = it.mean.to(self.device), it.std.to(self.device)
+        else:
+            items = [self.data.items[i] for i in indices]
+        flips = [bool(torch.rand((), generator=g) < 0.5) if cfg.random_flip else False for _ in items]
+        x0 = torch.stack([it.draw(g, f) for it, f in zip(items, flips)]).float()
+        noise = torch.randn(x0.shape, generator=g)
+        if cfg.offset_noise:
+            noise = noise + cfg.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=g)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=g)
+        noise, t = noise.to(self.device), t.to(self.device)
+        x_t = self.noise_scheduler.add_noise(x0, noise, t)
+        target = diffusion_target(noise, x0, t, self.noise_scheduler, self.prediction_type)
+        time_ids = torch.stack([it.time_ids for it in items]).to(self.device)
+        base = PromptEmbeds.cat([self.cache[it.base_prompt] for it in items])
+        unet = self.comps.unet
+
+        err_ref = None
+        if cfg.uses_reference:
+            with torch.no_grad(), lora_disabled(unet), self.autocast():
+                ref = unet(x_t, t, encoder_hidden_states=base.embeds,
+                           added_cond_kwargs={"text_embeds": base.pooled, "time_ids": time_ids}).sample
+            err_ref = per_sample_error(ref, target)
+        with self.autocast():
+            if self.needs_text_grad:
+                cond = self._encode_batch([it.prompt for it in items])
+            else:
+                cond = PromptEmbeds.cat([self.cache[it.prompt] for it in items])
+            pred = unet(x_t, t, encoder_hidden_states=cond.embeds,
+                        added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": time_ids}).sample
+        err_model = per_sample_error(pred, target)
+        weights = None
+        if cfg.snr_gamma:
+            from diffusers.training_utils import compute_snr
+
+            weights = min_snr_weight(compute_snr(self.noise_scheduler, t), cfg.snr_gamma, self.prediction_type)
+        return dco_loss(err_model, err_ref, cfg.dco_beta, weights, per_sample=cfg.dco_per_sample)
+
+    def _optimizer_step(self) -> dict[str, float | None]:
+        cfg = self.cfg
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for _ in range(cfg.gradient_accumulation_steps):
+            batch = self.order.next_batch()
+            mine = batch[self.rank * cfg.train_batch_size : (self.rank + 1) * cfg.train_batch_size]
+            loss, stats = self._micro_step(mine)
+            if not math.isfinite(stats.loss):
+                raise DCOError(
+                    f"The loss became {stats.loss} at step {self.step + 1}; lower the learning rate, or train "
+                    "in bf16 or fp32 instead of fp16. The last checkpoint is kept."
+                )
+            self.acc.backward(loss / cfg.gradient_accumulation_steps)
+            for k, v in stats.as_dict().items():
+                if v is not None:
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+        _sync_gradients(self.trainable, self.world)
+        if cfg.max_grad_norm > 0:
+            self.acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.token_set is not None:
+            self.token_set.renormalize_()
+        self.step += 1
+        means = {k: sums[k] / counts[k] for k in sums}
+        if self.world > 1:
+            keys = sorted(means)
+            vec = self.acc.reduce(torch.tensor([means[k] for k in keys], device=self.device), "mean")
+            means = dict(zip(keys, vec.tolist()))
+        return {k: means.get(k) for k in ("loss", "err_model", "err_ref", "reward_gap")}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _lora_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        states = {"unet": lora_state_dict(self.comps.unet)}
+        if self.cfg.train_text_encoder_lora:
+            states["text_encoder"] = lora_state_dict(self.comps.text_encoder)
+            states["text_encoder_2"] = lora_state_dict(self.comps.text_encoder_2)
+        return states
+
+    def save_checkpoint(self) -> Path:
+        rng = self.generator.get_state()
+        if self.world > 1:
+            rng = self.acc.gather(rng.to(self.device)).cpu().view(self.world, -1)
+            rngs = list(rng)
+        else:
+            rngs = [rng]
+        path = self.run.checkpoint_dir / f"checkpoint-{self.step}"
+        if self.is_main:
+            state = ckpt_io.CheckpointState(
+                step=self.step, lora=self._lora_states(), optimizer=self.optimizer.optimizer.state_dict(),
+                lr_scheduler=self.lr_scheduler.state_dict(), data_order=self.order.state_dict(), rng=rngs,
+                config=self.cfg.to_dict(), embeddings=self.token_set.to_embeddings() if self.token_set else None,
+                scaler=self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
+            )
+            ckpt_io.save_checkpoint(path, state)
+            ckpt_io.prune_checkpoints(self.run.checkpoint_dir, self.cfg.checkpoints_total_limit)
+        self.acc.wait_for_everyone()
+        self.checkpoints = ckpt_io.list_checkpoints(self.run.checkpoint_dir)
+        return path
+
+    def resume(self, folder: Path) -> None:
+        state = ckpt_io.load_checkpoint(folder)
+        saved = {k: v for k, v in state.config.items() if k not in _RESUME_MAY_CHANGE}
+        now = {k: v for k, v in self.cfg.to_dict().items() if k not in _RESUME_MAY_CHANGE}
+        changed = sorted(k for k in now if saved.get(k) != now[k])
+        if changed:
+            raise DCOError(
+                f"The checkpoint {folder} was trained with different settings ({', '.join(changed)}); "
+                "resume with the same settings or start a new run."
+            )
+        load_lora_state_dict(self.comps.unet, state.lora["unet"])
+        if self.cfg.train_text_encoder_lora:
+            load_lora_state_dict(self.comps.text_encoder, state.lora["text_encoder"])
+            load_lora_state_dict(self.comps.text_encoder_2, state.lora["text_encoder_2"])
+        if self.token_set is not None:
+            if state.embeddings is None:
+                raise DCOError(f"The checkpoint {folder} holds no token rows, but this run trains tokens.")
+            self.token_set.load_rows_(state.embeddings)
+        self.optimizer.optimizer.load_state_dict(state.optimizer)
+        self.lr_scheduler.load_state_dict(state.lr_scheduler)
+        if state.scaler and self.acc.scaler is not None:
+            self.acc.scaler.load_state_dict(state.scaler)
+        self.order.load_state_dict(state.data_order)
+        if len(state.rng) != self.world:
+            raise DCOError(f"The checkpoint {folder} was written by {len(state.rng)} process(es); resume with as many.")
+        self.generator.set_state(state.rng[self.rank])
+        self.step = state.step
+        self.history = [h for h in _read_log(self.run.log_path) if h.get("step", 0) <= self.step]
+        if self.is_main:
+            _write_log(self.run.log_path, self.history)
+        self.checkpoints = ckpt_io.list_checkpoints(self.run.checkpoint_dir)
+        self.status(f"Resumed from {folder} at step {self.step}")
+
+    # ------------------------------------------------------------------ previews, drift
+    def _monitor(self, info: StepInfo) -> None:
+        cfg = self.cfg
+        if self.drift is not None and (self.step % cfg.drift_every == 0 or self.step == cfg.max_train_steps):
+            text_models = self.comps.text_encoders if cfg.train_text_encoder_lora else ()
+            info.__dict__.update(self.drift.measure(text_models))
+        if cfg.validation_every and cfg.validation_prompts and self.cb.on_preview and self.is_main and (
+            self.step % cfg.validation_every == 0 or self.step == cfg.max_train_steps
+        ):
+            from .sample import render_previews
+
+            images = render_previews(self.comps, cfg, self.token_set, self.autocast)
+            self.cb.on_preview(self.step, images)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> TrainResult:
+        cfg, run = self.cfg, self.run
+        if self.is_main:
+            run.output_dir.mkdir(parents=True, exist_ok=True)
+        folder = ckpt_io.resolve_resume(run.checkpoint_dir, run.resume)
+        if folder is not None:
+            self.resume(folder)
+        elif self.is_main and run.log_path.exists():
+            run.log_path.unlink()
+        if self.acc.log_with:
+            self.acc.init_trackers("dco", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
+        if self.drift is not None and self.step == 0:
+            first = self.drift.measure(self.comps.text_encoders if cfg.train_text_encoder_lora else ())
+            self._log({"step": 0, **first})
+        progress = None
+        if run.progress_bar and self.is_main:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=cfg.max_train_steps, initial=self.step, desc="DCO", dynamic_ncols=True)
+        self.status("Training")
+        start, start_step, stopped = time.perf_counter(), self.step, False
+        try:
+            while self.step < cfg.max_train_steps:
+                stats = self._optimizer_step()
+                elapsed = time.perf_counter() - start
+                rate = elapsed / max(1, self.step - start_step)
+                info = StepInfo(step=self.step, total=cfg.max_train_steps, lr=self.lr_scheduler.get_last_lr()[0],
+                                elapsed_s=elapsed, eta_s=rate * (cfg.max_train_steps - self.step), **stats)
+                self._monitor(info)
+                self._log({k: v for k, v in info.as_dict().items() if v is not None and k not in ("total",)})
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{info.loss:.4f}", gap=f"{info.reward_gap or 0:.2e}")
+                if self.cb.on_step:
+                    self.cb.on_step(info)
+                if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0 and self.step < cfg.max_train_steps:
+                    self.save_checkpoint()
+                if self._stop_requested():
+                    stopped = True
+                    if self.step < cfg.max_train_steps:
+                        self.status(f"Stopping at step {self.step}: saving a checkpoint")
+                        self.save_checkpoint()
+                    break
+        finally:
+            if progress is not None:
+                progress.close()
+        lora = emb = None
+        if not stopped or self.step >= cfg.max_train_steps:
+            lora, emb = self.save_outputs()
+        if self.acc.log_with:
+            self.acc.end_training()
+        return TrainResult(lora, emb, run.log_path, self.checkpoints, self.step, stopped, self.history, self.comps, self.token_set)
+
+    def _stop_requested(self) -> bool:
+        flag = bool(self.cb.should_stop and self.cb.should_stop())
+        if self.world > 1:
+            vec = self.acc.reduce(torch.tensor([float(flag)], device=self.device), "sum")
+            flag = bool(vec.item() > 0)
+        return flag
+
+    def _log(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        if self.is_main:
+            with open(self.run.log_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+            if self.acc.log_with:
+                self.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def save_outputs(self) -> tuple[Path | None, Path | None]:
+        cfg, run = self.cfg, self.run
+        meta = {
+            "dco.config": cfg.to_json(),
+            "dco.step": str(self.step),
+            "dco.tokens": json.dumps(list(self.token_set.tokens) if self.token_set else []),
+            "dco.initializers": json.dumps(list(self.token_set.initializers) if self.token_set else []),
+            "ss_output_name": run.lora_path.stem,
+            **run.metadata,
+        }
+        lora_path = emb_path = None
+        if self.is_main:
+            alphas = {c: cfg.alpha for c in ("unet", "text_encoder", "text_encoder_2")}
+            lora_path = save_lora(run.lora_path, self._lora_states(), alphas, meta, dtype=run.save_precision)
+            if self.token_set is not None:
+                emb_path = save_embeddings(run.embeddings_path, self.token_set.to_embeddings(), {"dco.step": str(self.step)})
+        self.acc.wait_for_everyone()
+        return lora_path, emb_path
+
+
+_RESUME_MAY_CHANGE = {
+    "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "validation_prompts", "validation_every",
+    "validation_steps", "validation_cfg", "validation_rg", "validation_seed", "drift_every", "drift_prompts",
+}
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a crash ends the log
+    return rows
+
+
+def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
+    from .formats import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"))
+
+
+def train(cfg: TrainConfig, components: SDXLComponents, run: RunOptions, data: TrainData | None = None) -> TrainResult:
+    """Train a DCO LoRA (and TI tokens) and write its files. The components are modified in place
+    (the LoRA is injected, tokens are added); pass fresh ones for every run."""
+    return _Trainer(cfg, components, run, data).fit()

@@ -1,0 +1,103 @@
+"""TI rows (fp32, spliced, renormalised), end-of-text pooling, and the LoRA off switch."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import quick_config
+from dco_train.errors import DCOError
+from dco_train.lora import UNET_TARGETS, add_lora, lora_disabled
+from dco_train.text import encode_prompts, eos_positions, tokenize
+from dco_train.ti import add_tokens
+from dco_train.train import RunOptions, train
+
+
+def _unet_inputs(unet, batch=1):
+    g = torch.Generator().manual_seed(3)
+    ctx = unet.config.cross_attention_dim
+    return dict(
+        sample=torch.randn(batch, 4, 8, 8, generator=g), timestep=torch.tensor([500] * batch),
+        encoder_hidden_states=torch.randn(batch, 77, ctx, generator=g),
+        added_cond_kwargs={"text_embeds": torch.randn(batch, 64, generator=g),
+                           "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch)},
+    )
+
+
+def test_lora_off_is_bitwise_the_untouched_unet(tiny):
+    inputs = _unet_inputs(tiny.unet)
+    with torch.no_grad():
+        before = tiny.unet(**inputs).sample
+    params = add_lora(tiny.unet, 4, 4.0, UNET_TARGETS, seed=0)
+    with torch.no_grad():
+        for p in params:  # make the LoRA do something
+            p.add_(torch.randn_like(p) * 0.1)
+        on = tiny.unet(**inputs).sample
+        with lora_disabled(tiny.unet):
+            off = tiny.unet(**inputs).sample
+    assert torch.equal(off, before)
+    assert not torch.allclose(on, before, atol=1e-4)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    assert not any(p.requires_grad for n, p in tiny.unet.named_parameters() if "lora_" not in n)
+
+
+def test_a_prompt_with_a_new_token_pools_at_end_of_text(tiny):
+    add_tokens(tiny.tokenizers, tiny.text_encoders, {"<dog>": "dog"}).attach()
+    tok, enc = tiny.tokenizer_2, tiny.text_encoder_2
+    ids = tokenize(tok, ["a photo of a <dog>"])
+    new_id = tok.convert_tokens_to_ids("<dog>")
+    assert ids[0, 5].item() == new_id and ids[0].argmax().item() == 5  # the legacy rule would pool here
+    pos = eos_positions(ids, tok.eos_token_id)
+    assert pos.item() == 6 and ids[0, 6].item() == tok.eos_token_id
+    with torch.no_grad():
+        out = enc(ids, output_hidden_states=True)
+        ours = encode_prompts(tiny.tokenizers, tiny.text_encoders, ["a photo of a <dog>"]).pooled
+    at_eos = enc.text_projection(out.last_hidden_state[0, 6])
+    at_token = enc.text_projection(out.last_hidden_state[0, 5])
+    assert torch.allclose(ours[0], at_eos, atol=1e-6)
+    assert not torch.allclose(ours[0], at_token, atol=1e-3)
+    assert torch.allclose(out.text_embeds[0], at_eos, atol=1e-6)  # transformers agrees after fix_eos_pooling
+
+
+def test_token_prompt_encodes_like_the_base_prompt_at_initialisation(tiny):
+    add_tokens(tiny.tokenizers, tiny.text_encoders, {"<dog>": "dog"}).attach()
+    with torch.no_grad():
+        tok = encode_prompts(tiny.tokenizers, tiny.text_encoders, ["a photo of a <dog> on the beach"])
+        base = encode_prompts(tiny.tokenizers, tiny.text_encoders, ["a photo of a dog on the beach"])
+    assert torch.equal(tok.embeds, base.embeds) and torch.equal(tok.pooled, base.pooled)
+
+
+def test_first_dco_loss_is_exactly_ln2_with_ti(tiny, subject_dir, tmp_path):
+    res = train(quick_config(data_dir=str(subject_dir), max_train_steps=1), tiny,
+                RunOptions(output_dir=tmp_path / "out", progress_bar=False, log_with=None))
+    first = res.history[0]
+    assert first["err_model"] == first["err_ref"]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)
+
+
+def test_ti_rows_train_in_fp32_under_bf16_and_nothing_else_moves(tiny, subject_dir, tmp_path):
+    tables = [e.get_input_embeddings().weight.detach().clone() for e in tiny.text_encoders]
+    cfg = quick_config(data_dir=str(subject_dir), max_train_steps=5, mixed_precision="bf16", text_encoder_lr=1e-2)
+    res = train(cfg, tiny, RunOptions(output_dir=tmp_path / "out", progress_bar=False, log_with=None))
+    ts = res.token_set
+    for rows, table, word_id in zip(ts.rows, tables, [t.convert_tokens_to_ids("toy</w>") for t in tiny.tokenizers]):
+        assert rows.rows.dtype == torch.float32
+        moved = (rows.rows.detach()[0] - table[word_id]).abs().max().item()
+        assert moved > 1e-4, "the TI row did not move"
+        assert torch.allclose(rows.rows.detach().norm(dim=-1), table[word_id].norm()[None], rtol=1e-5)
+    for enc, table in zip(tiny.text_encoders, tables):
+        assert torch.equal(enc.get_input_embeddings().weight, table)
+
+
+def test_a_token_that_is_already_a_word_is_refused(tiny):
+    with pytest.raises(DCOError, match="already in the tokenizer's vocabulary"):
+        add_tokens(tiny.tokenizers, tiny.text_encoders, {"dog</w>": "dog"})
+    with pytest.raises(DCOError, match="already in the tokenizer's vocabulary"):
+        add_tokens(tiny.tokenizers, tiny.text_encoders, {"<|endoftext|>": "dog"})
+
+
+def test_random_initialiser_uses_the_table_spread(tiny):
+    ts = add_tokens(tiny.tokenizers, tiny.text_encoders, {"<x>": ""}, seed=1)
+    table = tiny.text_encoder.get_input_embeddings().weight
+    ratio = ts.rows[0].rows.std().item() / table.std().item()
+    assert 0.5 < ratio < 2.0

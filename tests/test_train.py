@@ -1,0 +1,64 @@
+"""The loop: batch sizes, accumulation, plain-loss baseline, monitors, logs."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import quick_config
+from dco_train.config import TrainConfig
+from dco_train.formats import load_lora
+from dco_train.train import Callbacks, RunOptions, train
+
+
+def _run(tiny, tmp_path, **kw):
+    opts = dict(output_dir=tmp_path / "out", progress_bar=False, log_with=None)
+    opts.update(kw.pop("run", {}))
+    return train(quick_config(**kw), tiny, RunOptions(**opts))
+
+
+@pytest.mark.parametrize("ti", [True, False], ids=["ti", "no_ti"])
+def test_batch_size_two(tiny, subject_dir, tmp_path, ti):
+    extra = {} if ti else dict(train_text_encoder_ti=False, tokens={})
+    res = _run(tiny, tmp_path, data_dir=str(subject_dir), train_batch_size=2, max_train_steps=2, learning_rate=1e-2, **extra)
+    assert len(res.history) == 2 and all(math.isfinite(h["loss"]) for h in res.history)
+    up = [m.up for m in load_lora(res.lora).modules["unet"].values()]
+    assert any(u.abs().max() > 0 for u in up), "the LoRA did not train"
+    assert (res.embeddings is not None) == ti
+
+
+def test_plain_loss_baseline_skips_the_reference(tiny, subject_dir, tmp_path):
+    calls = []
+    handle = tiny.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+    res = _run(tiny, tmp_path, data_dir=str(subject_dir), dco_beta=0.0, max_train_steps=2)
+    handle.remove()
+    assert len(calls) == 2  # one UNet pass per step: no LoRA-off reference pass
+    assert all("err_ref" not in h and "reward_gap" not in h for h in res.history)
+
+
+def test_gradient_accumulation_and_style_with_offset_noise(tiny, style_dir, tmp_path):
+    cfg = TrainConfig.style(data_dir=str(style_dir), resolution=64, max_train_steps=2, gradient_accumulation_steps=2,
+                            checkpointing_steps=0, drift_every=0, mixed_precision="no", rank=4, snr_gamma=5.0)
+    res = train(cfg, tiny, RunOptions(output_dir=tmp_path / "o", progress_bar=False, log_with=None))
+    assert res.embeddings is None and len(res.history) == 2
+    assert res.history[-1]["err_ref"] is not None
+
+
+def test_drift_is_zero_at_step_zero_and_positive_after_training(tiny, subject_dir, tmp_path):
+    res = _run(tiny, tmp_path, data_dir=str(subject_dir), drift_every=3, max_train_steps=6, learning_rate=1e-2)
+    drift = [h for h in res.history if "drift" in h]
+    assert [h["step"] for h in drift] == [0, 3, 6]
+    assert drift[0]["drift"] == 0.0
+    assert drift[-1]["drift"] > 0 and all(h["fit"] > 0 for h in drift)
+    rows = [json.loads(l) for l in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
+    assert rows == res.history
+
+
+def test_callbacks_report_every_step_and_stop_saves_a_checkpoint(tiny, subject_dir, tmp_path):
+    seen = []
+    cb = Callbacks(on_step=lambda info: seen.append(info.step), should_stop=lambda: len(seen) >= 2)
+    res = _run(tiny, tmp_path, data_dir=str(subject_dir), max_train_steps=10, run=dict(callbacks=cb))
+    assert seen == [1, 2] and res.stopped and res.step == 2
+    assert [p.name for p in res.checkpoints] == ["checkpoint-2"]
+    assert res.lora is None  # an unfinished run writes no final LoRA; its checkpoint resumes it
