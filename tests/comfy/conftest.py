@@ -1,0 +1,26 @@
+"""Tests against a real ComfyUI checkout ($COMFYUI_PATH, else ~/ComfyUI).
+
+They need ComfyUI's own dependencies, so they run under ComfyUI's venv python
+(`tests/comfy/run.sh`). Under any other Python, or without a checkout, every module here skips
+itself with the reason (`harness.require()`), so the main suite stays green.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import harness  # noqa: E402
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    reason = harness.why_unavailable()
+    if reason:
+        return f"ComfyUI tests: skipped ({reason})"
+    return f"ComfyUI tests: ComfyUI {harness.comfy_version()} at {harness.comfy_path()}"
