@@ -4,6 +4,11 @@ from __future__ import annotations
 
 
 def node_classes() -> list[type]:
+    from .embeddings import DCOLoadTokenEmbeddings, DCOPromptPair
+    from .guider import DCORewardGuidanceGuider, DCORewardGuidanceSampler
+
     classes: list[type] = []
     # Each node family lives in its own module; they are appended here as they land.
+    classes += [DCOLoadTokenEmbeddings, DCOPromptPair]
+    classes += [DCORewardGuidanceGuider, DCORewardGuidanceSampler]
     return classes

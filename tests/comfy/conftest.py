@@ -24,3 +24,15 @@ def pytest_report_header(config: pytest.Config) -> str:
     if reason:
         return f"ComfyUI tests: skipped ({reason})"
     return f"ComfyUI tests: ComfyUI {harness.comfy_version()} at {harness.comfy_path()}"
+
+
+@pytest.fixture(autouse=True)
+def _unload_models():
+    """Each test builds its own tiny models; drop them from ComfyUI's loaded-model list afterwards,
+    or every later load walks (and garbage-collects) an ever longer list."""
+    yield
+    if harness.why_unavailable() is None:
+        import comfy.model_management
+
+        comfy.model_management.unload_all_models()
+        comfy.model_management.cleanup_models()

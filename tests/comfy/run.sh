@@ -22,4 +22,8 @@ if ! "$PY" -c "import pytest" 2>/dev/null; then
 fi
 cd "$ROOT"
 export COMFYUI_PATH="$COMFY"
+# the whole folder unless test paths are given
+for arg in "$@"; do
+  case "$arg" in tests/*) exec "$PY" -m pytest -p no:cacheprovider "$@" ;; esac
+done
 exec "$PY" -m pytest -p no:cacheprovider tests/comfy "$@"

@@ -1,0 +1,253 @@
+"""Reward-guidance sampling in ComfyUI: a GUIDER for SamplerCustomAdvanced and a KSampler-style node.
+
+The guider subclasses `comfy.samplers.CFGGuider` like the stock `Guider_DualCFG` and overrides only
+`set_conds`, `set_cfg` and `predict_noise`, plus a thin wrapper around `sample` for set-up and
+tear-down (`outer_sample`/`inner_sample` changed signature between ComfyUI v0.3.64 and v0.8.0).
+Per step it evaluates ε_ref(∅), ε_ref(c_base) and ε_θ(c) on the base model and mixes them with
+`dco_train.rg.rg_mix` (DESIGN 2.4) in ComfyUI's denoised space, where the mix is exact because its
+weights sum to one. When the model carries CFG patches (a `sampler_cfg_function` or post-CFG
+functions, e.g. RescaleCFG) the CFG part goes through ComfyUI's `cfg_function` instead, exactly as
+the stock DualCFGGuider does, and the RG term is added to its result. ε_θ is the base model plus `model_ft`'s extra LoRA patches applied by forward
+hooks (`bypass.py`), switched on only for the token prompt's rows of one batched forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..dco_train.rg import rg_mix
+from .bypass import ALL_ROWS, BypassLoRA, RowLayoutError, extra_patches
+
+log = logging.getLogger(__name__)
+
+TOKEN_KEY = "dco_token"
+TOKEN_INDEX = 2  # position of the token prompt in calc_cond_batch's list (as DualCFG's cond1)
+WRAPPER_KEY = "dco_reward_guidance"
+
+
+class RewardGuidanceGuider(comfy.samplers.CFGGuider):
+    """CFG on the base model plus `rg`·(fine-tuned token pass − base pass).
+
+    `one_batch=True` runs the three prompts in one batch and switches the LoRA on for the token
+    rows only; `False` runs the token prompt in a second forward pass (same numbers, slower on
+    small batches). The one-batch mode falls back to two passes by itself if a layer's batch does
+    not line up with the prompts.
+    """
+
+    def __init__(self, model: Any, model_ft: Any, one_batch: bool = True):
+        super().__init__(model)
+        self.extra = extra_patches(model, model_ft)
+        if not self.extra:
+            log.warning("DCO: model_ft carries no LoRA on top of model; reward guidance then only changes the prompt.")
+        self.cfg = 7.5
+        self.rg = 3.0
+        self.one_batch = one_batch
+        self._bypass: BypassLoRA | None = None
+        self._run_one_batch = one_batch
+
+    def set_conds(self, positive_token: list, positive_base: list, negative: list) -> None:
+        self.inner_set_conds({"positive": positive_base, "negative": negative, TOKEN_KEY: positive_token})
+
+    def set_cfg(self, cfg: float, rg: float = 3.0) -> None:
+        self.cfg = float(cfg)
+        self.rg = float(rg)
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, *args: Any, **kwargs: Any) -> Any:
+        """Install the bypass hooks on the shared module, sample, and always take them off."""
+        bypass = BypassLoRA(self.model_patcher.model, self.extra)
+        outer_options = self.model_options
+        self.model_options = comfy.model_patcher.create_model_options_clone(outer_options)
+        comfy.patcher_extension.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, self._rows_wrapper(bypass),
+            self.model_options, is_model_options=True,
+        )
+        self._bypass = bypass
+        self._run_one_batch = self.one_batch
+        try:
+            bypass.install()
+            return super().sample(*args, **kwargs)
+        finally:
+            bypass.remove()
+            self._bypass = None
+            self.model_options = outer_options
+
+    @staticmethod
+    def _rows_wrapper(bypass: BypassLoRA):
+        """APPLY_MODEL wrapper: turn the guider's request into the rows of this model call."""
+
+        def wrapper(executor: Any, x: Any, t: Any, *args: Any, **kwargs: Any) -> Any:
+            request = bypass.request
+            if request is None:
+                return executor(x, t, *args, **kwargs)
+            if request is ALL_ROWS:
+                bypass.rows = ALL_ROWS
+                bypass.saw_rows = True
+            else:
+                options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
+                bypass.select_rows(list(options.get("cond_or_uncond", [])), request, x.shape[0])
+            try:
+                return executor(x, t, *args, **kwargs)
+            finally:
+                bypass.rows = None
+
+        return wrapper
+
+    def predict_noise(self, x: Any, timestep: Any, model_options: dict = {}, seed: Any = None) -> Any:  # noqa: B006
+        bypass = self._bypass
+        if bypass is None:
+            raise RuntimeError("RewardGuidanceGuider.predict_noise runs only inside sample().")
+        negative = self.conds.get("negative")
+        base = self.conds.get("positive")
+        token = self.conds.get(TOKEN_KEY)
+        model = self.inner_model
+
+        if self.rg == 0.0:  # plain CFG of the fine-tuned model on the token prompt, no third pass
+            with _request(bypass, ALL_ROWS):
+                return comfy.samplers.sampling_function(model, x, timestep, negative, token, self.cfg,
+                                                        model_options=model_options, seed=seed)
+
+        uncond = negative
+        if not model_options.get("disable_cfg1_optimization", False) and math.isclose(self.cfg, 1.0):
+            uncond = None  # as DualCFG: cfg 1 needs no negative pass, and with rg 1 no base pass either
+            if math.isclose(self.rg, 1.0):
+                base = None
+
+        out = None
+        if self._run_one_batch:
+            try:
+                with _request(bypass, TOKEN_INDEX):
+                    out = comfy.samplers.calc_cond_batch(model, [uncond, base, token], x, timestep, model_options)
+            except RowLayoutError as exc:
+                log.warning("DCO: one-batch reward guidance is not possible here (%s); using two passes.", exc)
+                self._run_one_batch = False
+        if out is None:
+            out = comfy.samplers.calc_cond_batch(model, [uncond, base], x, timestep, model_options)
+            with _request(bypass, ALL_ROWS):
+                out = out + comfy.samplers.calc_cond_batch(model, [token], x, timestep, model_options)
+
+        if "sampler_cfg_function" in model_options or model_options.get("sampler_post_cfg_function"):
+            guided = comfy.samplers.cfg_function(model, out[1], out[0], self.cfg, x, timestep,
+                                                 model_options=model_options, cond=base, uncond=uncond)
+            return guided + (out[2] - out[1]) * self.rg
+        return rg_mix(out[0], out[1], out[2], self.cfg, self.rg)
+
+
+class _request:
+    """Ask the APPLY_MODEL wrapper for LoRA rows during one block; always switched off after."""
+
+    def __init__(self, bypass: BypassLoRA, what: Any):
+        self.bypass, self.what = bypass, what
+
+    def __enter__(self) -> None:
+        self.bypass.request = self.what
+        self.bypass.fired = 0
+        self.bypass.saw_rows = False
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bypass.request = None
+        self.bypass.rows = None
+        if exc[0] is None and not self.bypass.empty and self.bypass.fired == 0 and self.bypass.saw_rows:
+            raise RuntimeError("DCO: the LoRA hooks never ran during the token pass; the model was not called through its layers.")
+
+
+# ---------------------------------------------------------------------------------------------- nodes
+_CFG_TIP = "Classifier-free guidance scale of the base model on the base prompt (7.5 in the DCO paper)."
+_RG_TIP = ("Reward-guidance scale: how strongly the fine-tuned model on the token prompt pulls away from the base "
+           "model on the base prompt (3.0 in the DCO paper). 0 means plain CFG with model_ft and the token prompt.")
+
+
+def _common_inputs() -> list:
+    return [
+        io.Model.Input("model", tooltip="The base model, straight from Load Checkpoint (no DCO LoRA)."),
+        io.Model.Input("model_ft", tooltip="The same model after the stock LoRA loader(s): the subject LoRA, or subject + style."),
+        io.Conditioning.Input("positive_token", tooltip="The prompt with the learned tokens, e.g. 'a <dog> on a beach' (the token output of DCO Prompt Pair)."),
+        io.Conditioning.Input("positive_base", tooltip="The same prompt with plain words, e.g. 'a dog on a beach' (the base output of DCO Prompt Pair)."),
+        io.Conditioning.Input("negative", tooltip="The negative prompt."),
+    ]
+
+
+def make_guider(model: Any, model_ft: Any, positive_token: list, positive_base: list, negative: list,
+                cfg: float, rg: float) -> RewardGuidanceGuider:
+    guider = RewardGuidanceGuider(model, model_ft)
+    guider.set_conds(positive_token, positive_base, negative)
+    guider.set_cfg(cfg, rg)
+    return guider
+
+
+class DCORewardGuidanceGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DCORewardGuidanceGuider",
+            display_name="DCO Reward Guidance Guider",
+            category="DCO/sampling",
+            description=("Reward guidance (DCO): CFG of the base model on the base prompt plus rg times the difference "
+                         "between the fine-tuned model on the token prompt and the base model on the base prompt. "
+                         "Plug the GUIDER into SamplerCustomAdvanced; every sampler and scheduler works."),
+            inputs=_common_inputs() + [
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=_CFG_TIP),
+                io.Float.Input("rg", default=3.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=_RG_TIP),
+            ],
+            outputs=[io.Guider.Output("guider", display_name="GUIDER", tooltip="A guider for SamplerCustomAdvanced.")],
+        )
+
+    @classmethod
+    def execute(cls, model: Any, model_ft: Any, positive_token: list, positive_base: list, negative: list,
+                cfg: float, rg: float) -> io.NodeOutput:
+        return io.NodeOutput(make_guider(model, model_ft, positive_token, positive_base, negative, cfg, rg))
+
+
+class DCORewardGuidanceSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DCORewardGuidanceSampler",
+            display_name="DCO Reward Guidance Sampler",
+            category="DCO/sampling",
+            description="KSampler with DCO reward guidance: the Reward Guidance Guider and a sampler in one node.",
+            inputs=_common_inputs() + [
+                io.Latent.Input("latent_image", tooltip="The latent to denoise (Empty Latent Image for text-to-image)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The random seed of the starting noise."),
+                io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Number of sampling steps."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=_CFG_TIP),
+                io.Float.Input("rg", default=3.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=_RG_TIP),
+                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler",
+                               tooltip="The sampling algorithm."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
+                               tooltip="How the noise levels are spaced over the steps."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="How much of the latent is replaced by noise; below 1 for image-to-image."),
+            ],
+            outputs=[io.Latent.Output("latent", display_name="LATENT", tooltip="The denoised latent.")],
+        )
+
+    @classmethod
+    def execute(cls, model: Any, model_ft: Any, positive_token: list, positive_base: list, negative: list,
+                latent_image: dict, seed: int, steps: int, cfg: float, rg: float, sampler_name: str,
+                scheduler: str, denoise: float) -> io.NodeOutput:
+        import comfy.model_management
+        import comfy.sample
+        import comfy.utils
+        import latent_preview
+
+        guider = make_guider(model, model_ft, positive_token, positive_base, negative, cfg, rg)
+        samples = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+        noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
+        sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                         scheduler=scheduler, denoise=denoise, model_options=model.model_options).sigmas
+        callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
+        result = guider.sample(noise, samples, comfy.samplers.sampler_object(sampler_name), sigmas,
+                               denoise_mask=latent_image.get("noise_mask"), callback=callback,
+                               disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        out = latent_image.copy()
+        out["samples"] = result.to(comfy.model_management.intermediate_device())
+        return io.NodeOutput(out)
