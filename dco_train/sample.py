@@ -150,6 +150,54 @@ def _encode(comps: SDXLComponents, prompts: list[str], lora_on: bool) -> PromptE
         return encode_prompts(comps.tokenizers, comps.text_encoders, prompts)
 
 
+class RGDenoiser:
+    """The guided prediction of one sampling step: `denoiser(x_in, t) -> ε` (DESIGN 2.4).
+
+    Prompts are encoded once. With rg != 0 it makes two UNet calls per step: the negative and base
+    prompts batched with the LoRA off, then the token prompt with it on. rg = 0 is one call (the
+    negative and token prompts batched, LoRA on): plain CFG with the fine-tuned model.
+    """
+
+    def __init__(self, comps: SDXLComponents, s: SampleSettings, word_map: dict[str, str] | None = None,
+                 autocast: Callable[[], Any] = contextlib.nullcontext):
+        self.comps, self.s, self.autocast = comps, s, autocast
+        self.unet = comps.unet
+        self.device = next(self.unet.parameters()).device
+        self.base_prompt = s.base_prompt if s.base_prompt is not None else replace_tokens(s.prompt, word_map or {})
+        n = s.num_images
+        self.use_neg = s.cfg != 1.0  # at cfg 1 the negative's weight (1 - cfg) is 0
+        with autocast():
+            self.token = _encode(comps, [s.prompt] * n, lora_on=True)
+            if s.rg == 0:
+                neg = _encode(comps, [s.negative_prompt] * n, lora_on=True) if self.use_neg else None
+                self.conds = PromptEmbeds.cat([neg, self.token]) if neg is not None else self.token
+            else:
+                prompts = ([s.negative_prompt] * n if self.use_neg else []) + [self.base_prompt] * n
+                self.ref = _encode(comps, prompts, lora_on=False)
+        self.time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=torch.float32, device=self.device)
+
+    def unet_call(self, x: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds) -> torch.Tensor:
+        n = x.shape[0]
+        k = cond.embeds.shape[0] // n
+        with self.autocast():
+            out = self.unet(torch.cat([x] * k), t, encoder_hidden_states=cond.embeds.to(self.device),
+                            added_cond_kwargs={"text_embeds": cond.pooled.to(self.device),
+                                               "time_ids": self.time_ids.repeat(k * n, 1)}).sample
+        return out.float()
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n, s = x.shape[0], self.s
+        if s.rg == 0:
+            out = self.unet_call(x, t, self.conds)
+            return cfg_mix(out[:n], out[n:], s.cfg) if self.use_neg else out
+        with lora_disabled(self.unet):
+            r = self.unet_call(x, t, self.ref)
+        e_base = r[n:] if self.use_neg else r
+        e_neg = r[:n] if self.use_neg else e_base
+        e_tok = self.unet_call(x, t, self.token)
+        return rg_mix(e_neg, e_base, e_tok, s.cfg, s.rg)
+
+
 @torch.no_grad()
 def rg_sample(
     comps: SDXLComponents, s: SampleSettings, word_map: dict[str, str] | None = None,
@@ -157,44 +205,14 @@ def rg_sample(
     output_type: str = "pil",
 ):
     """Sample `s.num_images` images with reward guidance; returns PIL images (or latents)."""
-    unet = comps.unet
-    device = next(unet.parameters()).device
-    base_prompt = s.base_prompt if s.base_prompt is not None else replace_tokens(s.prompt, word_map or {})
-    n = s.num_images
+    denoiser = RGDenoiser(comps, s, word_map, autocast)
     scheduler = make_scheduler(s.scheduler, comps.scheduler.config)
-    scheduler.set_timesteps(s.steps, device=device)
+    scheduler.set_timesteps(s.steps, device=denoiser.device)
     generator = torch.Generator().manual_seed(s.seed)
-    h, w = s.height // 8, s.width // 8
-    latents = torch.randn((n, unet.config.in_channels, h, w), generator=generator).to(device)
-    latents = latents * scheduler.init_noise_sigma
-    use_neg = s.cfg != 1.0
-    with autocast():
-        token = _encode(comps, [s.prompt] * n, lora_on=True)
-        ref_prompts = ([s.negative_prompt] * n if use_neg else []) + ([base_prompt] * n if s.rg != 0 else [])
-        if s.rg == 0 and use_neg:  # plain CFG with the fine-tuned model: its negative has the LoRA on
-            neg = _encode(comps, [s.negative_prompt] * n, lora_on=True)
-        ref = _encode(comps, ref_prompts, lora_on=False) if ref_prompts else None
-    time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=torch.float32, device=device)
-
-    def call(x: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds) -> torch.Tensor:
-        k = cond.embeds.shape[0] // n
-        with autocast():
-            out = unet(torch.cat([x] * k), t, encoder_hidden_states=cond.embeds.to(device),
-                       added_cond_kwargs={"text_embeds": cond.pooled.to(device), "time_ids": time_ids.repeat(k * n, 1)}).sample
-        return out.float()
-
+    shape = (s.num_images, comps.unet.config.in_channels, s.height // 8, s.width // 8)
+    latents = torch.randn(shape, generator=generator).to(denoiser.device) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(latents, t)
-        if s.rg == 0:
-            conds = PromptEmbeds.cat([neg, token]) if use_neg else token
-            out = call(x_in, t, conds)
-            eps = cfg_mix(out[:n], out[n:], s.cfg) if use_neg else out
-        else:
-            with lora_disabled(unet):
-                r = call(x_in, t, ref)
-            e_neg, e_base = (r[:n], r[n:]) if use_neg else (None, r)
-            e_tok = call(x_in, t, token)
-            eps = rg_mix(e_neg if use_neg else e_base, e_base, e_tok, s.cfg if use_neg else 1.0, s.rg)
+        eps = denoiser(scheduler.scale_model_input(latents, t), t)
         latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
     if output_type == "latent":
         return latents

@@ -75,8 +75,8 @@ def comfy_path() -> Path | None:
     return path.resolve() if (path / "comfy" / "samplers.py").is_file() else None
 
 
-def import_comfy(path: Path | None = None) -> Path:
-    """Make `import comfy` work in this process, on the CPU. Idempotent."""
+def import_comfy(path: Path | None = None, cpu: bool = True) -> Path:
+    """Make `import comfy` work in this process (on the CPU unless `cpu=False`). Idempotent."""
     path = path or comfy_path()
     if path is None:
         raise RuntimeError("No ComfyUI checkout found; set COMFYUI_PATH.")
@@ -85,7 +85,7 @@ def import_comfy(path: Path | None = None) -> Path:
     if "comfy.model_management" not in sys.modules:
         from comfy.cli_args import args
 
-        args.cpu = True  # must happen before comfy.model_management decides on a device
+        args.cpu = cpu  # must happen before comfy.model_management decides on a device
     return path
 
 
@@ -136,18 +136,21 @@ def unet_config(layout: str = "tiny") -> dict[str, Any]:
     }
 
 
-def build_model(layout: str = "tiny", seed: int = 0, prediction: str = "eps") -> Any:
-    """A `ModelPatcher` around a `comfy.model_base.SDXL` of the given layout (eps or v prediction)."""
+def build_model(layout: str = "tiny", seed: int = 0, prediction: str = "eps", dtype: Any = None) -> Any:
+    """A `ModelPatcher` around a `comfy.model_base.SDXL` of the given layout (eps or v prediction),
+    stored and computed in `dtype` (float32 by default)."""
     import torch
 
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
+    dtype = dtype or torch.float32
     config = unet_config(layout)
+    config["dtype"] = dtype
     mc = comfy.supported_models.SDXL(config)
     mc.unet_config["num_head_channels"] = config["num_head_channels"]  # the class forces 64
-    mc.set_inference_dtype(torch.float32, None)
+    mc.set_inference_dtype(dtype, None)
     marker = {"v_pred": torch.tensor([])} if prediction == "v" else {}
     model = mc.get_model(marker, "")
     model.load_model_weights(random_state_dict(model.diffusion_model.state_dict(), seed), "")

@@ -248,10 +248,18 @@ def test_patches_on_other_layers_are_refused(conds):
     model_ft = model.clone()
     key = "diffusion_model.out.0.weight"  # a GroupNorm scale
     model_ft.add_patches({key: ("diff", (torch.ones(32) * 0.1,))}, 1.0)
-    guider = our_guider(model, model_ft, conds)
     with pytest.raises(DCOError, match=r"out\.0\.weight, a GroupNorm weight.*Linear and Conv"):
-        sample(guider, torch.zeros(1, 4, 8, 8))
+        our_guider(model, model_ft, conds)
     assert _hook_count(model) == 0
+
+
+def test_weight_wrappers_on_model_ft_are_refused(conds):
+    """A MODEL with an in-memory trained adapter (weight wrapper, as TrainLoraNode outputs) is refused."""
+    model = harness.build_model(seed=0)
+    model_ft = model.clone()
+    model_ft.add_weight_wrapper("diffusion_model.input_blocks.3.1.transformer_blocks.0.attn1.to_q.weight", lambda w: w * 2)
+    with pytest.raises(DCOError, match="weight wrapper on .*attn1.to_q.weight"):
+        our_guider(model, model_ft, conds)
 
 
 # ------------------------------------------------------------------------------------------- rg = 0 and the passes

@@ -1,0 +1,134 @@
+"""Reward-guidance sampling in the engine (DESIGN 2.4) and the training previews."""
+
+import pytest
+import torch
+
+from conftest import quick_config
+from dco_train.lora import UNET_TARGETS, add_lora, lora_disabled
+from dco_train.sample import RGDenoiser, SampleSettings, load_adapters, rg_sample
+from dco_train.text import encode_prompts
+from dco_train.tiny import build_tiny_sdxl
+from dco_train.train import Callbacks, RunOptions, train
+
+
+def _with_lora(tiny):
+    params = add_lora(tiny.unet, 4, 4.0, UNET_TARGETS, seed=0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.2)
+    return tiny
+
+
+def _cond(tiny, prompt, n):
+    return encode_prompts(tiny.tokenizers, tiny.text_encoders, [prompt] * n)
+
+
+def test_one_rg_step_equals_three_separate_unet_calls(tiny):
+    tiny = _with_lora(tiny)
+    s = SampleSettings(prompt="a dog on the beach", base_prompt="a toy on the beach", negative_prompt="blurry",
+                       cfg=6.0, rg=2.5, width=64, height=48, num_images=2)
+    x, t = torch.randn(2, 4, 6, 8, generator=torch.Generator().manual_seed(1)), torch.tensor(700)
+    time_ids = torch.tensor([[48.0, 64, 0, 0, 48, 64]] * 2)
+
+    def eps(prompt, on):
+        c = _cond(tiny, prompt, 2)
+        kw = dict(encoder_hidden_states=c.embeds, added_cond_kwargs={"text_embeds": c.pooled, "time_ids": time_ids})
+        if on:
+            return tiny.unet(x, t, **kw).sample
+        with lora_disabled(tiny.unet):
+            return tiny.unet(x, t, **kw).sample
+
+    with torch.no_grad():
+        neg, base, tok = eps("blurry", False), eps("a toy on the beach", False), eps("a dog on the beach", True)
+        by_hand = neg + 6.0 * (base - neg) + 2.5 * (tok - base)
+        ours = RGDenoiser(tiny, s)(x, t)
+    # batching the two reference passes changes only float32 rounding, which cfg = 6 amplifies: 1e-4
+    assert (ours - by_hand).abs().max().item() < 1e-4
+    assert (tok - base).abs().max().item() > 1e-3  # the LoRA term is not trivially zero
+
+
+def _count_calls(unet):
+    calls = []
+    unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    return calls
+
+
+def test_rg_zero_calls_the_unet_as_often_as_plain_cfg(tiny, tokenizer_dir):
+    calls = _count_calls(tiny.unet)
+    rg_sample(tiny, SampleSettings(prompt="a dog", rg=0.0, cfg=5.0, steps=4, width=64, height=64), output_type="latent")
+    pipe = build_tiny_sdxl(seed=0, tokenizer_dir=tokenizer_dir).pipeline()
+    pipe_calls = _count_calls(pipe.unet)
+    pipe(prompt="a dog", num_inference_steps=4, guidance_scale=5.0, width=64, height=64, output_type="latent")
+    assert calls == pipe_calls == [2] * 4  # one batched (negative, prompt) call per step
+    calls.clear()
+    rg_sample(tiny, SampleSettings(prompt="a dog", rg=3.0, cfg=5.0, steps=4, width=64, height=64), output_type="latent")
+    assert calls == [2, 1] * 4  # RG: (negative, base) batched with the LoRA off, then the token pass
+
+
+def test_cfg_one_keeps_reward_guidance(tiny):
+    tiny = _with_lora(tiny)
+    s0 = SampleSettings(prompt="a dog", base_prompt="a toy", cfg=1.0, rg=0.0, steps=2, width=64, height=64)
+    s3 = SampleSettings(prompt="a dog", base_prompt="a toy", cfg=1.0, rg=3.0, steps=2, width=64, height=64)
+    a = rg_sample(tiny, s0, output_type="latent")
+    b = rg_sample(tiny, s3, output_type="latent")
+    assert (a - b).abs().max() > 1e-3  # at cfg 1 the RG term still acts (the reference dropped it)
+
+
+@pytest.mark.parametrize("size", [(96, 64), (48, 80)])
+def test_non_square_sizes_and_two_images(tiny, size):
+    w, h = size
+    images = rg_sample(tiny, SampleSettings(prompt="a dog", rg=3.0, steps=2, width=w, height=h, num_images=2,
+                                            scheduler="euler_a"))
+    assert [im.size for im in images] == [(w, h), (w, h)]
+
+
+def test_two_loras_merge_like_patched_weights(tiny, subject_dir, style_dir, tmp_path, tokenizer_dir):
+    from dco_train.config import TrainConfig
+
+    runs = []
+    for cfg in (quick_config(data_dir=str(subject_dir), learning_rate=5e-2, text_encoder_lr=1e-2),
+                TrainConfig.style(data_dir=str(style_dir), resolution=64, max_train_steps=4, rank=8, drift_every=0,
+                                  checkpointing_steps=0, mixed_precision="no", learning_rate=5e-2)):
+        runs.append(train(cfg, build_tiny_sdxl(seed=0, tokenizer_dir=tokenizer_dir),
+                          RunOptions(output_dir=tmp_path / cfg.preset, progress_bar=False, log_with=None, save_precision="fp32")))
+    merged = build_tiny_sdxl(seed=0, tokenizer_dir=tokenizer_dir)
+    load_adapters(merged, [(runs[0].lora, 1.0), (runs[1].lora, 0.7)])
+    patched = build_tiny_sdxl(seed=0, tokenizer_dir=tokenizer_dir)
+    from dco_train.formats import load_lora
+
+    names = {n.replace(".", "_"): n for n, _ in patched.unet.named_modules()}
+    with torch.no_grad():
+        for path, w in ((runs[0].lora, 1.0), (runs[1].lora, 0.7)):
+            for key, m in load_lora(path).modules["unet"].items():
+                layer = patched.unet.get_submodule(names[key[len("lora_unet_"):]])
+                layer.weight += w * m.scale * (m.up.float() @ m.down.float())
+    g = torch.Generator().manual_seed(0)
+    x, c, p = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 128, generator=g), torch.randn(1, 64, generator=g)
+    kw = dict(added_cond_kwargs={"text_embeds": p, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])})
+    with torch.no_grad():
+        ours, ref = merged.unet(x, 500, c, **kw).sample, patched.unet(x, 500, c, **kw).sample
+        with lora_disabled(merged.unet):
+            base = merged.unet(x, 500, c, **kw).sample
+    assert (ours - base).abs().max() > 1e-3
+    assert (ours - ref).abs().max().item() < 1e-5
+
+
+def test_previews_are_emitted_and_do_not_change_training(subject_dir, tmp_path, tokenizer_dir):
+    def run(out, previews):
+        seen = []
+        kw = dict(validation_prompts=["a <obj> on the beach"], validation_every=2, validation_steps=2) if previews else {}
+        cfg = quick_config(data_dir=str(subject_dir), max_train_steps=4, learning_rate=1e-2, **kw)
+        cb = Callbacks(on_preview=lambda step, images: seen.append((step, images)))
+        res = train(cfg, build_tiny_sdxl(seed=0, tokenizer_dir=tokenizer_dir),
+                    RunOptions(output_dir=out, progress_bar=False, log_with=None, save_precision="fp32", callbacks=cb))
+        return res, seen
+
+    with_p, seen = run(tmp_path / "a", True)
+    without, _ = run(tmp_path / "b", False)
+    assert [s for s, _ in seen] == [2, 4] and seen[0][1][0].size == (64, 64)
+    from dco_train.formats import load_lora
+
+    a, b = load_lora(with_p.lora).modules["unet"], load_lora(without.lora).modules["unet"]
+    assert all(torch.equal(a[k].up, b[k].up) and torch.equal(a[k].down, b[k].down) for k in a)
+    assert [h["loss"] for h in with_p.history] == [h["loss"] for h in without.history]
+    assert with_p.components.unet.training  # train mode restored
