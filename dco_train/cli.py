@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--preset", choices=("subject", "style", "custom"), default="custom",
                     help="Recipe for the defaults (DESIGN 2.5); custom = the reference script's defaults.")
     tr.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint-<step> folder.")
-    tr.add_argument("--output_name", default="lora", help="File name of the LoRA (embeddings: <name>_emb).")
+    tr.add_argument("--output_name", help="File names <name>.safetensors and <name>_embeddings.safetensors "
+                    "(default lora.safetensors and embeddings.safetensors).")
     tr.add_argument("--save_precision", choices=("fp16", "bf16", "fp32"), default="fp16")
     tr.add_argument("--tokenizer_dir", help="CLIP vocab.json/merges.txt for single-file checkpoints.")
     tr.add_argument("--report_to", choices=("auto", "tensorboard", "none"), default="auto")
@@ -90,8 +91,9 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
     signal.signal(signal.SIGINT, on_sigint)
     run = RunOptions(
-        output_dir=out, lora_path=out / f"{args.output_name}.safetensors",
-        embeddings_path=out / f"{args.output_name}_emb.safetensors", resume=args.resume_from_checkpoint,
+        output_dir=out, resume=args.resume_from_checkpoint,
+        lora_path=out / f"{args.output_name}.safetensors" if args.output_name else None,
+        embeddings_path=out / f"{args.output_name}_embeddings.safetensors" if args.output_name else None,
         save_precision=args.save_precision, log_with=None if args.report_to == "none" else args.report_to,
         progress_bar=not args.no_progress, cpu=args.cpu, callbacks=Callbacks(should_stop=lambda: stop["requested"]),
     )

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import quick_config, write_images
+from helpers import quick_config, write_images
 from dco_train.config import TrainConfig
 from dco_train.errors import DCOError
 from dco_train.formats import load_embeddings, load_lora, save_embeddings, TokenEmbeddings

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SEED_DIR
+from helpers import REPO, SEED_DIR
 from dco_train.formats import load_embeddings, load_lora
 
 needs_seed = pytest.mark.skipif(not SEED_DIR.is_dir(), reason=f"reference seed data not found at {SEED_DIR}")
@@ -104,7 +104,7 @@ def test_single_file_checkpoint_round_trip(tiny, tokenizer_dir, tmp_path):
 
 
 def _style_folder(tmp_path):
-    from conftest import write_images
+    from helpers import write_images
 
     return write_images(tmp_path / "style", ["a house in flat cartoon illustration style"], size=(64, 64))
 
@@ -120,7 +120,7 @@ def test_two_processes(tiny_model_dir, subject_dir, tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     s = summary(proc)
     assert proc.stdout.count('"lora"') == 1  # only the main process reports (and writes)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "lora.safetensors", "lora_emb.safetensors", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "embeddings.safetensors", "lora.safetensors", "metrics.jsonl"]
     assert all(k.startswith("lora_unet_") for k in load_lora(s["lora"]).modules["unet"])
     from dco_train.checkpoint import load_checkpoint
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SEED_DIR, quick_config, write_images
+from helpers import SEED_DIR, quick_config, write_images
 from dco_train.config import TrainConfig
 from dco_train.data import encode_dataset, load_dataset_spec, open_rgb, prepare_image
 from dco_train.errors import DCOError

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import quick_config
+from helpers import quick_config
 from dco_train.errors import DCOError
 from dco_train.formats import atomic_write, load_embeddings, load_lora, safe_output_path
 from dco_train.text import encode_prompts

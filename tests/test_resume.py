@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import quick_config
+from helpers import quick_config
 from dco_train.checkpoint import list_checkpoints, load_checkpoint
 from dco_train.formats import load_embeddings, load_lora
 from dco_train.tiny import build_tiny_sdxl

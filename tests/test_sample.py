@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import quick_config
+from helpers import quick_config
 from dco_train.lora import UNET_TARGETS, add_lora, lora_disabled
 from dco_train.sample import RGDenoiser, SampleSettings, load_adapters, rg_sample
 from dco_train.text import encode_prompts

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import quick_config
+from helpers import quick_config
 from dco_train.errors import DCOError
 from dco_train.lora import UNET_TARGETS, add_lora, lora_disabled
 from dco_train.text import encode_prompts, eos_positions, tokenize

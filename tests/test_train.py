@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import quick_config
+from helpers import quick_config
 from dco_train.config import TrainConfig
 from dco_train.formats import load_lora
 from dco_train.train import Callbacks, RunOptions, train
