@@ -239,29 +239,38 @@ class TrainData:
         return list(groups.values())
 
 
-@torch.no_grad()
-def _encode(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
-    dist = vae.encode(pixels[None].to(device=device, dtype=dtype)).latent_dist
-    scale = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((dist.mean[0].float() - shift) * scale), (dist.std[0].float() * scale)
+Encoder = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]"]
+"""pixels [3, H, W] in [-1, 1] -> (latent mean, latent std or None), both already scaled."""
+
+
+def vae_encoder(vae: Any) -> Encoder:
+    """Encode with a diffusers AutoencoderKL: the posterior's mean and std, times the scaling factor."""
+
+    @torch.no_grad()
+    def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+        dist = vae.encode(pixels[None].to(device=device, dtype=dtype)).latent_dist
+        scale = vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (dist.mean[0].float() - shift) * scale, dist.std[0].float() * scale
+
+    return encode
 
 
 def encode_dataset(
-    vae: Any, spec: DatasetSpec, cfg: TrainConfig, progress: Callable[[int, int], None] | None = None
+    encoder: Encoder, spec: DatasetSpec, cfg: TrainConfig, progress: Callable[[int, int], None] | None = None
 ) -> TrainData:
-    """VAE-encode every image once (plus its mirror when flips are on)."""
+    """Encode every image once (plus its mirror when flips are on). The diffusers VAE
+    (`vae_encoder`) and the ComfyUI node (the graph's VAE) both come through here."""
     items: list[LatentItem] = []
     total = len(spec.samples)
     for n, sample in enumerate(spec.samples):
         image = open_rgb(sample.image)
-        size = target_size(*image.size, cfg)
-        pixels, time_ids = prepare_image(image, size, center=True)
-        mean, std = _encode(vae, pixels)
+        pixels, time_ids = prepare_image(image, target_size(*image.size, cfg), center=True)
+        mean, std = encoder(pixels)
         item = LatentItem(mean, std, time_ids, sample.prompt, sample.base_prompt, image_path=sample.image)
         if cfg.random_flip:
-            fmean, fstd = _encode(vae, pixels.flip(-1))
+            fmean, fstd = encoder(pixels.flip(-1))
             item.flipped = LatentItem(fmean, fstd, time_ids, sample.prompt, sample.base_prompt)
         items.append(item)
         if progress:
@@ -273,7 +282,7 @@ def encode_dataset(
             sample = spec.samples[index]
             image = open_rgb(sample.image)
             pixels, time_ids = prepare_image(image, target_size(*image.size, cfg), center=False, generator=generator)
-            mean, std = _encode(vae, pixels)
+            mean, std = encoder(pixels)
             return LatentItem(mean, std, time_ids, sample.prompt, sample.base_prompt)
 
         data.encode_fn = encode_random_crop

@@ -163,50 +163,63 @@ def vae_from_sgm(sd: Mapping[str, torch.Tensor], prefix: str = VAE_PREFIX, scali
     return _load_module(AutoencoderKL, config, state, "VAE")
 
 
-def _clip_config(sd: Mapping[str, torch.Tensor], token_key: str, pos_key: str, fc1_key: str, n_layers: int,
-                 act: str, eos_token_id: int, projection: int | None):
-    from transformers import CLIPTextConfig
+def clip_from_hf(state: Mapping[str, torch.Tensor], *, hidden_act: str, eos_token_id: int,
+                 projection: bool, num_heads: int | None = None, what: str = "text encoder"):
+    """A transformers CLIP text model from HF-layout weights (`text_model.*`, optional
+    `text_projection.weight`), built on the meta device so it shares storage with `state`.
 
-    vocab, hidden = sd[token_key].shape
-    return CLIPTextConfig(
-        vocab_size=int(vocab), hidden_size=int(hidden), intermediate_size=int(sd[fc1_key].shape[0]),
-        num_hidden_layers=n_layers, num_attention_heads=max(1, int(hidden) // HEAD_WIDTH),
-        max_position_embeddings=int(sd[pos_key].shape[0]), hidden_act=act, projection_dim=projection or int(hidden),
+    SDXL single files store CLIP-L this way and ComfyUI's CLIP objects store both encoders this
+    way. The head count is not visible in the weights: SDXL's heads are 64 wide, which is the
+    default; ComfyUI's own config gives it for other models.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    state = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.endswith(("position_ids", "logit_scale"))}
+    if not projection:
+        state.pop("text_projection.weight", None)
+    tm = "text_model."
+    if tm + "embeddings.token_embedding.weight" not in state:
+        raise DCOError(f"The {what} weights have no token embedding; they are not a CLIP text encoder.")
+    vocab, hidden = state[tm + "embeddings.token_embedding.weight"].shape
+    config = CLIPTextConfig(
+        vocab_size=int(vocab), hidden_size=int(hidden),
+        intermediate_size=int(state[tm + "encoder.layers.0.mlp.fc1.weight"].shape[0]),
+        num_hidden_layers=_count(list(state), r"text_model\.encoder\.layers\.(\d+)\."),
+        num_attention_heads=num_heads or max(1, int(hidden) // HEAD_WIDTH),
+        max_position_embeddings=int(state[tm + "embeddings.position_embedding.weight"].shape[0]),
+        hidden_act=hidden_act,
+        projection_dim=int(state["text_projection.weight"].shape[0]) if projection else int(hidden),
         bos_token_id=eos_token_id - 1, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
     )
+    if projection:
+        return _load_module(CLIPTextModelWithProjection, config, state, what)
+    state = {k[len(tm):] if k.startswith(tm) else k: v for k, v in state.items()}  # transformers 5 layout
+    from transformers import __version__ as tv
+
+    if int(tv.split(".")[0]) < 5:
+        state = {tm + k: v for k, v in state.items()}
+    return _load_module(CLIPTextModel, config, state, what)
 
 
 def clip_l_from_sgm(sd: Mapping[str, torch.Tensor], prefix: str = CLIP_L_PREFIX, eos_token_id: int = 49407):
     """CLIP-L as a transformers CLIPTextModel (keys are HF-layout in SDXL single files)."""
-    from transformers import CLIPTextModel
-
     state = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    state = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in state.items()}
-    state.pop("embeddings.position_ids", None)
-    if "embeddings.token_embedding.weight" not in state:
+    if not state:
         raise DCOError("The checkpoint holds no CLIP-L text encoder (conditioner.embedders.0.*).")
-    n_layers = _count(list(state), r"encoder\.layers\.(\d+)\.")
-    config = _clip_config(state, "embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
-                          "encoder.layers.0.mlp.fc1.weight", n_layers, "quick_gelu", eos_token_id, None)
-    return _load_module(CLIPTextModel, config, state, "CLIP-L text encoder")
+    return clip_from_hf(state, hidden_act="quick_gelu", eos_token_id=eos_token_id, projection=False, what="CLIP-L text encoder")
 
 
 def clip_g_from_sgm(sd: Mapping[str, torch.Tensor], prefix: str = CLIP_G_PREFIX, eos_token_id: int = 49407):
     """CLIP-G (OpenCLIP layout in SDXL single files) as a CLIPTextModelWithProjection."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
-    from transformers import CLIPTextModelWithProjection
 
     if prefix + "token_embedding.weight" not in sd:
         raise DCOError("The checkpoint holds no CLIP-G text encoder (conditioner.embedders.1.model.*).")
     hidden = int(sd[prefix + "token_embedding.weight"].shape[1])
     probe = type("Probe", (), {"config": type("C", (), {"hidden_size": hidden})()})()
     state = convert_open_clip_checkpoint(probe, dict(sd), prefix=prefix)
-    state.pop("text_model.embeddings.position_ids", None)
-    n_layers = _count(list(state), r"text_model\.encoder\.layers\.(\d+)\.")
-    proj = int(state["text_projection.weight"].shape[0])
-    config = _clip_config(state, "text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight",
-                          "text_model.encoder.layers.0.mlp.fc1.weight", n_layers, "gelu", eos_token_id, proj)
-    return _load_module(CLIPTextModelWithProjection, config, state, "CLIP-G text encoder")
+    return clip_from_hf(state, hidden_act="gelu", eos_token_id=eos_token_id, projection=True, what="CLIP-G text encoder")
 
 
 # ------------------------------------------------------------------------------- diffusers -> SGM

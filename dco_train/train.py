@@ -30,7 +30,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
-from .data import LatentItem, TrainData, encode_dataset, load_dataset_spec
+from .data import TrainData, encode_dataset, load_dataset_spec, vae_encoder
 from .drift import DriftMeter
 from .errors import DCOError
 from .formats import save_embeddings, save_lora
@@ -86,6 +86,7 @@ class RunOptions:
     cpu: bool = False
     callbacks: Callbacks = field(default_factory=Callbacks)
     metadata: dict[str, str] = field(default_factory=dict)
+    decode_latents: Callable[[torch.Tensor], list[Any]] | None = None  # previews; default: the components' VAE
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -253,7 +254,7 @@ class _Trainer:
             raise DCOError("No VAE was given to encode the training images.")
         spec = load_dataset_spec(self.cfg)
         _move(self.comps.vae, self.device, torch.float32)
-        return encode_dataset(self.comps.vae, spec, self.cfg)
+        return encode_dataset(vae_encoder(self.comps.vae), spec, self.cfg)
 
     def _place_models(self) -> None:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mp, torch.float32)
@@ -438,7 +439,7 @@ class _Trainer:
         ):
             from .sample import render_previews
 
-            images = render_previews(self.comps, cfg, self.token_set, self.autocast)
+            images = render_previews(self.comps, cfg, self.token_set, self.autocast, decode=self.run.decode_latents)
             self.cb.on_preview(self.step, images)
 
     # ------------------------------------------------------------------ the loop

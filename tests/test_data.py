@@ -8,7 +8,7 @@ from PIL import Image
 
 from helpers import SEED_DIR, quick_config, write_images
 from dco_train.config import TrainConfig
-from dco_train.data import encode_dataset, load_dataset_spec, open_rgb, prepare_image
+from dco_train.data import encode_dataset, load_dataset_spec, open_rgb, prepare_image, vae_encoder
 from dco_train.errors import DCOError
 
 needs_seed = pytest.mark.skipif(not SEED_DIR.is_dir(), reason=f"reference seed data not found at {SEED_DIR}")
@@ -101,7 +101,7 @@ class CountingVAE(torch.nn.Module):
 def test_latents_are_encoded_once_and_cached_with_their_spread(tiny, subject_dir):
     vae = CountingVAE(tiny.vae)
     cfg = quick_config(data_dir=str(subject_dir), random_flip=True)
-    data = encode_dataset(vae, load_dataset_spec(cfg), cfg)
+    data = encode_dataset(vae_encoder(vae), load_dataset_spec(cfg), cfg)
     assert vae.calls == 6  # 3 images + their mirrors, once each
     item = data.items[0]
     assert item.mean.shape == (4, 8, 8) and item.std is not None and float(item.std.min()) > 0
