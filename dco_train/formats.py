@@ -83,7 +83,7 @@ def safe_output_path(folder: str | os.PathLike, name: str, suffix: str = ".safet
     parts = re.split(r"[\\/]", name)
     if any(p in ("..", ".") or not p.strip() for p in parts):
         raise DCOError(f"The output name {name!r} may not contain '..', '.' or empty folder parts.")
-    if name.lower().endswith(suffix):
+    if suffix and name.lower().endswith(suffix):
         name = name[: -len(suffix)]
     root = Path(folder).resolve()
     path = (root / (name + suffix)).resolve()

@@ -115,16 +115,27 @@ class TrainResult:
     token_set: TokenSet | None
 
 
+def resolve_mixed_precision(mixed_precision: str, cuda: bool) -> str:
+    """`auto` -> bf16 on GPUs that have it, fp16 on other GPUs, no on the CPU."""
+    if mixed_precision == "auto":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+    if mixed_precision == "fp16" and not cuda:
+        raise DCOError("fp16 mixed precision needs a CUDA GPU; use bf16 or no on the CPU.")
+    return mixed_precision
+
+
+def weight_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+    """The dtype the frozen weights are kept in: the mixed-precision dtype on a GPU, else fp32."""
+    if device.type != "cuda":
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
 def _make_accelerator(cfg: TrainConfig, run: RunOptions):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    mp = cfg.mixed_precision
-    cuda = torch.cuda.is_available() and not run.cpu
-    if mp == "auto":
-        mp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
-    if mp == "fp16" and not cuda:
-        raise DCOError("fp16 mixed precision needs a CUDA GPU; use bf16 or no on the CPU.")
+    mp = resolve_mixed_precision(cfg.mixed_precision, torch.cuda.is_available() and not run.cpu)
     log_with = run.log_with
     if log_with == "auto":
         try:
@@ -257,11 +268,10 @@ class _Trainer:
         return encode_dataset(vae_encoder(self.comps.vae), spec, self.cfg)
 
     def _place_models(self) -> None:
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mp, torch.float32)
-        weight_dtype = dtype if self.device.type == "cuda" else torch.float32
+        dtype = weight_dtype(self.mp, self.device)
         for m in (self.comps.unet, *self.comps.text_encoders):
             m.requires_grad_(False)
-            _move(m, self.device, weight_dtype)
+            _move(m, self.device, dtype)
         self.comps.unet.train()
         for item in self.data.items:
             for it in (item, item.flipped):

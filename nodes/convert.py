@@ -1,0 +1,174 @@
+"""A graph's MODEL / CLIP / VAE as the engine's diffusers/transformers components.
+
+The weights go through the engine's one SGM -> diffusers path (`dco_train.sgm`), then every
+parameter is copied once onto the training device as an ordinary tensor
+(research/feasibility.md probes 2 and 3):
+- ComfyUI loads weights under `torch.inference_mode()`; such tensors cannot be saved for
+  backward, and `p.data = ...` or `.to()` does not fix that. A fresh `nn.Parameter` does.
+- The copy is read from ComfyUI's offloaded (CPU) weights after `unload_all_models()`, so the GPU
+  never holds two UNets. When the MODEL/CLIP carries patches (a LoRA loaded earlier in the graph),
+  it is fully loaded first so the patches are baked into what we read, then unloaded again.
+- Nothing is written to ComfyUI's modules: the graph's model is bit-identical afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from ..dco_train.errors import DCOError
+from ..dco_train.models import SDXL_SCHEDULER, SDXLComponents
+from ..dco_train.sgm import clip_from_hf, unet_from_sgm
+from ..dco_train.text import fix_eos_pooling
+
+log = logging.getLogger(__name__)
+
+
+def materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Replace every parameter and buffer by a fresh, ordinary copy on `device` (in `dtype`)."""
+    with torch.inference_mode(False):
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None:
+                    target = dtype if dtype is not None and p.is_floating_point() else p.dtype
+                    m._parameters[name] = torch.nn.Parameter(
+                        p.detach().to(device=device, dtype=target, copy=True), requires_grad=False
+                    )
+            for name, b in list(m._buffers.items()):
+                if b is not None:
+                    m._buffers[name] = b.detach().to(device=device, copy=True)
+    return module
+
+
+def _read_weights(patcher: Any, read: Any) -> Any:
+    """`read()` the module's state dict with the patcher's patches applied (if it has any)."""
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+    if not patcher.patches:
+        return read()
+    mm.load_models_gpu([patcher], force_full_load=True)
+    try:
+        return {k: v.detach().to("cpu", copy=True) for k, v in read().items()}
+    finally:
+        mm.unload_all_models()
+
+
+def check_sdxl(model: Any) -> None:
+    import comfy.model_base
+
+    inner = getattr(model, "model", None)
+    if not isinstance(inner, comfy.model_base.SDXL):
+        kind = type(inner).__name__ if inner is not None else type(model).__name__
+        raise DCOError(
+            f"The MODEL is a {kind}, not an SDXL model; DCO training needs an SDXL checkpoint "
+            "(connect the MODEL output of Load Checkpoint with an SDXL file)."
+        )
+
+
+def unet_from_model(model: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    check_sdxl(model)
+    config = model.model.model_config.unet_config
+    diffusion_model = model.model.diffusion_model
+    sd = _read_weights(model, diffusion_model.state_dict)
+    unet = unet_from_sgm(sd, prefix="", num_head_channels=int(config.get("num_head_channels", 64)))
+    return materialize(unet, device, dtype)
+
+
+def prediction_type(model: Any) -> str:
+    import comfy.model_base
+
+    kind = model.model.model_type
+    if kind == comfy.model_base.ModelType.V_PREDICTION:
+        return "v_prediction"
+    if kind == comfy.model_base.ModelType.EPS:
+        return "epsilon"
+    raise DCOError(f"DCO training supports epsilon and v-prediction SDXL models, not {kind.name}.")
+
+
+def _activation_name(fn: Any) -> str:
+    import comfy.clip_model
+
+    for name, f in comfy.clip_model.ACTIVATIONS.items():
+        if f is fn:
+            return name
+    raise DCOError("The CLIP uses an activation the trainer does not know; it is not an SDXL CLIP.")
+
+
+def tokenizer_folder() -> str:
+    import comfy.sd1_clip
+
+    return os.path.join(os.path.dirname(os.path.realpath(comfy.sd1_clip.__file__)), "sd1_tokenizer")
+
+
+def text_encoders_from_clip(clip: Any, device: torch.device, dtype: torch.dtype | None = None) -> tuple[Any, Any, Any, Any]:
+    """(text_encoder, text_encoder_2, tokenizer, tokenizer_2) from an SDXL CLIP."""
+    from transformers import CLIPTokenizer
+
+    cond = clip.cond_stage_model
+    if getattr(cond, "clip_l", None) is None or getattr(cond, "clip_g", None) is None:
+        raise DCOError(
+            f"The CLIP is a {type(cond).__name__}, not SDXL's pair of text encoders (clip_l + clip_g); connect the "
+            "CLIP output of an SDXL checkpoint."
+        )
+    sd = _read_weights(clip.patcher, cond.state_dict)
+    encoders = []
+    for name, projection in (("clip_l", False), ("clip_g", True)):
+        text_model = getattr(cond, name).transformer.text_model
+        layer = text_model.encoder.layers[0]
+        prefix = f"{name}.transformer."
+        state = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        module = clip_from_hf(
+            state, hidden_act=_activation_name(layer.mlp.activation), eos_token_id=int(text_model.eos_token_id),
+            projection=projection, num_heads=int(layer.self_attn.heads), what=f"{name} text encoder",
+        )
+        encoders.append(materialize(module, device, dtype))
+    folder = tokenizer_folder()
+    tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(folder, pad_token="!", model_max_length=77)
+    for enc, tok in zip(encoders, (tokenizer, tokenizer_2)):
+        fix_eos_pooling(enc, tok)
+    return encoders[0], encoders[1], tokenizer, tokenizer_2
+
+
+def components_from_graph(model: Any, clip: Any, device: torch.device, dtype: torch.dtype | None = None) -> SDXLComponents:
+    """Engine components (no VAE: the node encodes with the graph's VAE) from a graph's MODEL and CLIP."""
+    from diffusers import EulerDiscreteScheduler
+
+    unet = unet_from_model(model, device, dtype)
+    te, te2, tok, tok2 = text_encoders_from_clip(clip, device, dtype)
+    scheduler = EulerDiscreteScheduler(**{**SDXL_SCHEDULER, "prediction_type": prediction_type(model)})
+    return SDXLComponents(unet=unet, vae=None, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
+                          tokenizer_2=tok2, scheduler=scheduler)
+
+
+def vae_encoder(vae: Any, latent_format: Any):
+    """The engine's `Encoder` on the graph's VAE: ComfyUI encodes the posterior mode, scaled here
+    into the model's latent space (`latent_format.process_in`)."""
+
+    @torch.no_grad()  # the graph's VAE may have requires_grad set; no graph may reach into it
+    def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, None]:
+        image = ((pixels.float() + 1.0) / 2.0).clamp(0, 1).permute(1, 2, 0)[None]
+        latent = vae.encode(image)
+        return latent_format.process_in(latent)[0].detach().float().cpu().clone(), None
+
+    return encode
+
+
+def vae_decoder(vae: Any, latent_format: Any):
+    """Latents in the model's space -> PIL images, with the graph's VAE (training previews)."""
+    from PIL import Image
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> list[Any]:
+        images = vae.decode(latent_format.process_out(latents.float().cpu()))
+        if images.ndim == 5:
+            images = images.reshape(-1, *images.shape[-3:])
+        arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return [Image.fromarray(a) for a in arr]
+
+    return decode

@@ -1,0 +1,356 @@
+"""DCO Trainer: a graph's SDXL (MODEL, CLIP, VAE) plus a folder of captioned images -> a DCO LoRA
+and tokens, written to ComfyUI's loras / embeddings folders and returned ready for sampling.
+
+The node converts the graph's models into the engine's modules (`convert.py`, no write to the
+shared model), encodes the images once with the graph's VAE, and runs the engine in-process
+outside inference mode. Progress goes to the node's progress bar (with validation previews) and,
+per step, to a `dco.train` websocket event for the live chart. Cancel stops at the next step and
+saves a checkpoint; `resume = latest` continues it exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..dco_train.config import TrainConfig, parse_tokens
+from ..dco_train.errors import DCOError
+from ..dco_train.formats import safe_output_path
+from . import events
+
+log = logging.getLogger(__name__)
+
+RECIPES = {"subject": TrainConfig.subject(tokens={"<dog>": "dog"}), "style": TrainConfig.style()}
+DEFAULT = RECIPES["subject"]
+
+
+def require_engine() -> None:
+    """A clear message instead of an ImportError deep inside training."""
+    import importlib.util
+
+    missing = [m for m in ("diffusers", "transformers", "peft", "accelerate", "safetensors")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise DCOError(
+            f"DCO training needs {', '.join(missing)}; install the pack's requirements into ComfyUI's Python: "
+            "pip install -r custom_nodes/ComfyUI-DCO/requirements.txt"
+        )
+
+
+def resolve_dataset(dataset_dir: str) -> Path:
+    """An absolute path, or a path relative to ComfyUI's input folder."""
+    import folder_paths
+
+    if not dataset_dir or not dataset_dir.strip():
+        raise DCOError("dataset_dir is empty; give a folder of images with .txt captions, or a config.json.")
+    path = Path(os.path.expanduser(dataset_dir.strip()))
+    if not path.is_absolute():
+        path = Path(folder_paths.get_input_directory()) / path
+    if not path.exists():
+        raise DCOError(f"The dataset {path} does not exist; give an absolute path or a folder inside ComfyUI's input folder.")
+    return path
+
+
+def build_config(preset: str, dataset: Path, config_name: str, tokens: str, steps: int, rank: int,
+                 learning_rate: float, text_encoder_lr: float, beta: float, resolution: int, batch_size: int,
+                 offset_noise: float, seed: int, mixed_precision: str, gradient_checkpointing: bool,
+                 use_8bit_adam: bool, checkpoint_every: int, validation_prompt: str, validation_every: int) -> TrainConfig:
+    """The engine config from the node's widgets (0 / -1 mean "the preset's value")."""
+    token_map = parse_tokens(tokens)
+    data = {"config_dir": str(dataset), "config_name": config_name or None} if dataset.is_file() else {"data_dir": str(dataset)}
+    overrides: dict[str, Any] = dict(
+        **data, tokens=token_map, train_text_encoder_ti=bool(token_map), learning_rate=learning_rate,
+        text_encoder_lr=text_encoder_lr, dco_beta=beta, resolution=resolution, train_batch_size=batch_size,
+        seed=seed, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+        use_8bit_adam=use_8bit_adam, checkpointing_steps=checkpoint_every,
+        validation_prompts=[validation_prompt.strip()] if validation_prompt and validation_prompt.strip() else [],
+        validation_every=validation_every,
+    )
+    if steps > 0:
+        overrides["max_train_steps"] = steps
+    if rank > 0:
+        overrides["rank"] = rank
+    if offset_noise >= 0:
+        overrides["offset_noise"] = offset_noise
+    if dataset.is_file() and not token_map:
+        overrides.pop("train_text_encoder_ti")  # a config.json may name its own tokens
+        overrides.pop("tokens")
+        overrides["train_text_encoder_ti"] = preset == "subject"
+    return TrainConfig.preset_named(preset, **overrides)
+
+
+def plan_outputs(output_name: str, overwrite: bool, resume: str, needs_embeddings: bool) -> dict[str, Any]:
+    """Where the files go, refusing names that escape their folder or overwrite without leave."""
+    import folder_paths
+
+    lora = safe_output_path(folder_paths.get_folder_paths("loras")[0], output_name, overwrite=overwrite)
+    emb = safe_output_path(folder_paths.get_folder_paths("embeddings")[0], output_name, overwrite=overwrite) \
+        if needs_embeddings else None
+    root = Path(folder_paths.get_output_directory()) / "dco"
+    run_dir = safe_output_path(root, output_name, suffix="", overwrite=True)
+    checkpoints = run_dir / "checkpoints"
+    if resume == "off" and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        if not overwrite:
+            raise DCOError(
+                f"{run_dir} holds checkpoints of an earlier '{output_name}' run; set resume to latest to continue it, "
+                "or turn on overwrite to start over (its checkpoints are deleted)."
+            )
+        shutil.rmtree(run_dir)
+    return {"lora": lora, "embeddings": emb, "run_dir": run_dir}
+
+
+def _relative(path: Path | None, kind: str) -> str:
+    if path is None:
+        return ""
+    import folder_paths
+
+    for root in folder_paths.get_folder_paths(kind):
+        try:
+            return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            continue
+    return Path(path).name
+
+
+def _image_tensor(image: Any) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+class _Progress:
+    """Engine callbacks -> ComfyUI progress bar, previews, websocket events and Cancel."""
+
+    def __init__(self, node_id: str, total: int):
+        import comfy.utils
+
+        self.node_id, self.total, self.run = node_id, total, uuid.uuid4().hex[:12]
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.cancelled = False
+        self.last = time.perf_counter()
+
+    def event(self, status: str, **data: Any) -> None:
+        events.send(events.TRAIN, {"node": self.node_id, "run": self.run, "status": status, "total": self.total, **data})
+
+    def _bar(self, step: int, preview: Any = None) -> None:
+        import comfy.model_management as mm
+
+        try:  # ComfyUI's progress hook raises when the user pressed Cancel
+            self.bar.update_absolute(step, self.total, preview)
+        except mm.InterruptProcessingException:
+            self.cancelled = True
+
+    def on_step(self, info: Any) -> None:
+        now = time.perf_counter()
+        self.event("running", **info.as_dict(), it_s=1.0 / max(now - self.last, 1e-9))
+        self.last = now
+        self._bar(info.step)
+
+    def on_preview(self, step: int, images: list[Any]) -> None:
+        if images:
+            self._bar(step, ("JPEG", images[0], 512))
+
+    def should_stop(self) -> bool:
+        import comfy.model_management as mm
+
+        return self.cancelled or mm.processing_interrupted()
+
+    def raise_cancel(self) -> None:
+        import comfy.model_management as mm
+
+        if mm.processing_interrupted():
+            mm.throw_exception_if_processing_interrupted()
+        raise mm.InterruptProcessingException()
+
+
+def train_in_graph(model: Any, clip: Any, vae: Any, cfg: TrainConfig, plan: dict[str, Any], resume: str,
+                   node_id: str) -> dict[str, Any]:
+    """Run the engine on the graph's models; returns the paths and the history."""
+    import comfy.model_management as mm
+
+    from ..dco_train.data import encode_dataset, load_dataset_spec
+    from ..dco_train.train import Callbacks, RunOptions, resolve_mixed_precision, train, weight_dtype
+    from .convert import components_from_graph, vae_decoder, vae_encoder
+
+    spec = load_dataset_spec(cfg)
+    device = mm.get_torch_device()
+    dtype = weight_dtype(resolve_mixed_precision(cfg.mixed_precision, device.type == "cuda"), device)
+    progress = _Progress(node_id, cfg.max_train_steps)
+    progress.event("start")
+    latent_format = model.model.latent_format
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            comps = components_from_graph(model, clip, device, dtype)
+            data = encode_dataset(vae_encoder(vae, latent_format), spec, cfg)
+            for path in (plan["run_dir"].parent, plan["lora"].parent, plan["embeddings"] and plan["embeddings"].parent):
+                if path:
+                    path.mkdir(parents=True, exist_ok=True)
+            run = RunOptions(
+                output_dir=plan["run_dir"], lora_path=plan["lora"], embeddings_path=plan["embeddings"],
+                resume="latest" if resume == "latest" else None, log_with=None, progress_bar=False,
+                cpu=device.type == "cpu", decode_latents=vae_decoder(vae, latent_format),
+                callbacks=Callbacks(on_step=progress.on_step, should_stop=progress.should_stop,
+                                    on_preview=progress.on_preview),
+                metadata={"dco.trained_with": "ComfyUI-DCO DCOTrainer"},
+            )
+            result = train(cfg, comps, run, data)
+    except Exception as exc:
+        progress.event("error", message=str(exc))
+        raise
+    finally:
+        mm.soft_empty_cache()
+    if result.stopped and result.lora is None:
+        progress.event("interrupted", step=result.step)
+        progress.raise_cancel()
+    progress.event("done", step=result.step)
+    return {"lora": result.lora, "embeddings": result.embeddings, "history": result.history, "step": result.step}
+
+
+class DCOTrainer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        d = DEFAULT
+        return io.Schema(
+            node_id="DCOTrainer",
+            display_name="DCO Trainer (SDXL LoRA + tokens)",
+            category="DCO/training",
+            description=(
+                "Train a DCO (Direct Consistency Optimization) LoRA for SDXL from a folder of images with .txt "
+                "captions; subjects also learn new tokens such as <dog> in both text encoders. The LoRA goes to the "
+                "loras folder and the tokens to the embeddings folder; the outputs are ready for reward guidance."
+            ),
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The SDXL MODEL to fine-tune (from Load Checkpoint). It is not modified."),
+                io.Clip.Input("clip", tooltip="The SDXL CLIP of the same checkpoint. It is not modified."),
+                io.Vae.Input("vae", tooltip="The VAE that encodes the training images (once, before training)."),
+                io.String.Input("dataset_dir", default="dco/my_subject",
+                                tooltip="A folder of images with same-name .txt captions, or a reference config.json; "
+                                        "absolute, or relative to ComfyUI's input folder."),
+                io.String.Input("config_name", default="", optional=True,
+                                tooltip="Which entry of config.json to train (only for a config.json dataset)."),
+                io.Combo.Input("preset", options=["subject", "style"], default="subject",
+                               tooltip="Recipe: subject = tokens, rank 32, 2000 steps; style = no tokens, rank 64, "
+                                       "1000 steps, offset noise 0.1."),
+                io.String.Input("tokens", default="<dog>=dog",
+                                tooltip="New tokens and the word each starts from, e.g. <dog>=dog. Every caption must "
+                                        "contain one. Leave empty for styles."),
+                io.String.Input("output_name", default="dco_subject",
+                                tooltip="File name in models/loras and models/embeddings (no folders outside them)."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Allow replacing existing files and earlier checkpoints of this name."),
+                io.Int.Input("steps", default=0, min=0, max=100000,
+                             tooltip="Training steps; 0 = the preset's (2000 subject, 1000 style)."),
+                io.Int.Input("rank", default=0, min=0, max=256,
+                             tooltip="LoRA rank; 0 = the preset's (32 subject, 64 style)."),
+                io.Float.Input("learning_rate", default=d.learning_rate, min=1e-7, max=1e-2, step=1e-6,
+                               tooltip="UNet LoRA learning rate (5e-5 in both recipes)."),
+                io.Float.Input("text_encoder_lr", default=d.text_encoder_lr, min=1e-8, max=1e-2, step=1e-7,
+                               tooltip="Learning rate of the token rows (5e-6)."),
+                io.Float.Input("beta", default=d.dco_beta, min=-1.0, max=100000.0, step=10.0,
+                               tooltip="DCO beta: 1000-2000 keep the model close to the base; 0 or less trains the "
+                                       "plain DreamBooth-LoRA loss."),
+                io.Int.Input("resolution", default=d.resolution, min=64, max=4096, step=64,
+                             tooltip="Training resolution in pixels (images are resized and centre-cropped)."),
+                io.Int.Input("batch_size", default=d.train_batch_size, min=1, max=64, tooltip="Images per step."),
+                io.Float.Input("offset_noise", default=-1.0, min=-1.0, max=1.0, step=0.01,
+                               tooltip="Offset-noise strength; -1 = the preset's (0 subject, 0.1 style)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed of data order, noise and timesteps (runs are reproducible)."),
+                io.Combo.Input("mixed_precision", options=["auto", "bf16", "fp16", "no"], default="auto",
+                               tooltip="auto = bf16 where the GPU has it, else fp16; no = fp32 (needed on the CPU)."),
+                io.Boolean.Input("gradient_checkpointing", default=False,
+                                 tooltip="Less VRAM for more time (about 30% slower)."),
+                io.Boolean.Input("use_8bit_adam", default=False,
+                                 tooltip="8-bit AdamW from bitsandbytes (must be installed): less optimizer memory."),
+                io.Int.Input("checkpoint_every", default=d.checkpointing_steps, min=0, max=100000,
+                             tooltip="Save a resumable checkpoint every N steps (0 = only when cancelled)."),
+                io.Combo.Input("resume", options=["off", "latest"], default="off",
+                               tooltip="latest = continue the newest checkpoint of this output_name exactly."),
+                io.String.Input("validation_prompt", default="", optional=True, multiline=True,
+                                tooltip="Optional prompt (with tokens) rendered with reward guidance as a preview."),
+                io.Int.Input("validation_every", default=250, min=0, max=100000, optional=True,
+                             tooltip="Render the preview every N steps (0 = never)."),
+            ],
+            outputs=[
+                io.Model.Output("trained_model", display_name="MODEL",
+                                tooltip="The input MODEL with the new LoRA applied (for model_ft of the RG guider)."),
+                io.Clip.Output("trained_clip", display_name="CLIP",
+                               tooltip="The input CLIP with the LoRA and the new tokens loaded."),
+                io.String.Output("lora_name", display_name="lora_name", tooltip="The LoRA file, as LoraLoader lists it."),
+                io.String.Output("embeddings_name", display_name="embeddings_name",
+                                 tooltip="The embeddings file, as DCO Load Token Embeddings lists it (empty for styles)."),
+                io.Image.Output("loss_curve", display_name="loss_curve",
+                                tooltip="Loss, errors, prior drift and fit over the run."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, output_name: str = "", dataset_dir: str = "", **kwargs: Any) -> bool | str:
+        import folder_paths
+
+        try:
+            safe_output_path(folder_paths.get_folder_paths("loras")[0], output_name, overwrite=True)
+            if dataset_dir:
+                resolve_dataset(dataset_dir)
+        except DCOError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, dataset_dir: str = "", **kwargs: Any) -> str:
+        """Re-run when the dataset's files change, not only when a widget does."""
+        digest = hashlib.sha256()
+        try:
+            path = resolve_dataset(dataset_dir)
+        except DCOError:
+            return dataset_dir
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+        for f in files:
+            st = f.stat()
+            digest.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return digest.hexdigest()
+
+    @classmethod
+    def execute(cls, model: Any, clip: Any, vae: Any, dataset_dir: str, preset: str, tokens: str, output_name: str,
+                overwrite: bool, steps: int, rank: int, learning_rate: float, text_encoder_lr: float, beta: float,
+                resolution: int, batch_size: int, offset_noise: float, seed: int, mixed_precision: str,
+                gradient_checkpointing: bool, use_8bit_adam: bool, checkpoint_every: int, resume: str,
+                config_name: str = "", validation_prompt: str = "", validation_every: int = 250) -> io.NodeOutput:
+        import comfy.sd
+        import comfy.utils
+
+        from ..dco_train.formats import load_embeddings
+        from ..dco_train.plot import curve_image
+        from .convert import check_sdxl
+        from .embeddings import add_tokens
+
+        require_engine()
+        check_sdxl(model)
+        dataset = resolve_dataset(dataset_dir)
+        cfg = build_config(preset, dataset, config_name, tokens, steps, rank, learning_rate, text_encoder_lr, beta,
+                           resolution, batch_size, offset_noise, seed, mixed_precision, gradient_checkpointing,
+                           use_8bit_adam, checkpoint_every, validation_prompt, validation_every)
+        plan = plan_outputs(output_name, overwrite, resume, cfg.train_text_encoder_ti)
+        node_id = str(cls.hidden.unique_id) if getattr(cls, "hidden", None) is not None else ""
+        out = train_in_graph(model, clip, vae, cfg, plan, resume, node_id)
+
+        lora_sd = comfy.utils.load_torch_file(str(out["lora"]), safe_load=True)
+        new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, lora_sd, 1.0, 1.0)
+        if out["embeddings"] is not None:
+            new_clip = add_tokens(new_clip, load_embeddings(out["embeddings"]), source=Path(out["embeddings"]).name)
+        lora_name = _relative(out["lora"], "loras")
+        emb_name = _relative(out["embeddings"], "embeddings")
+        events.send(events.FILES_CHANGED, {"lora": lora_name, "embeddings": emb_name})
+        curve = _image_tensor(curve_image(out["history"], f"DCO {output_name}: {out['step']} steps"))
+        return io.NodeOutput(new_model, new_clip, lora_name, emb_name, curve, ui=ui.PreviewImage(curve, cls=cls))
