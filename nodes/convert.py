@@ -75,7 +75,8 @@ def unet_from_model(model: Any, device: torch.device, dtype: torch.dtype | None 
     config = model.model.model_config.unet_config
     diffusion_model = model.model.diffusion_model
     sd = _read_weights(model, diffusion_model.state_dict)
-    unet = unet_from_sgm(sd, prefix="", num_head_channels=int(config.get("num_head_channels", 64)))
+    with torch.inference_mode():  # ComfyUI's weights are inference tensors; only here may they be assigned
+        unet = unet_from_sgm(sd, prefix="", num_head_channels=int(config.get("num_head_channels", 64)))
     return materialize(unet, device, dtype)
 
 
@@ -122,10 +123,11 @@ def text_encoders_from_clip(clip: Any, device: torch.device, dtype: torch.dtype 
         layer = text_model.encoder.layers[0]
         prefix = f"{name}.transformer."
         state = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        module = clip_from_hf(
-            state, hidden_act=_activation_name(layer.mlp.activation), eos_token_id=int(text_model.eos_token_id),
-            projection=projection, num_heads=int(layer.self_attn.heads), what=f"{name} text encoder",
-        )
+        with torch.inference_mode():
+            module = clip_from_hf(
+                state, hidden_act=_activation_name(layer.mlp.activation), eos_token_id=int(text_model.eos_token_id),
+                projection=projection, num_heads=int(layer.self_attn.heads), what=f"{name} text encoder",
+            )
         encoders.append(materialize(module, device, dtype))
     folder = tokenizer_folder()
     tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)

@@ -65,6 +65,13 @@ def node_inputs(dataset: Path, **overrides):
     return base
 
 
+def graph_models(seed: int = 0):
+    """The tiny MODEL/CLIP/VAE built under inference mode, as ComfyUI's loaders build theirs
+    (their weights are then inference tensors, which training must cope with)."""
+    with torch.inference_mode():
+        return harness.build_tiny_sdxl(seed=seed)
+
+
 def run_node(model, clip, vae, **inputs):
     with torch.inference_mode():  # what ComfyUI's executor does around every node
         return harness.call_node(trainer.DCOTrainer, model=model, clip=clip, vae=vae, **inputs)
@@ -72,7 +79,8 @@ def run_node(model, clip, vae, **inputs):
 
 # ------------------------------------------------------------------------------- conversion
 def test_unet_conversion_matches_comfyui():
-    model = harness.build_model(seed=3)
+    with torch.inference_mode():
+        model = harness.build_model(seed=3)
     unet = convert.unet_from_model(model, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(2, 4, 8, 6, generator=g), torch.randn(2, 77, harness.HIDDEN_L + harness.HIDDEN_G, generator=g)
@@ -87,7 +95,8 @@ def test_unet_conversion_matches_comfyui():
 
 
 def test_text_encoder_conversion_matches_comfyui():
-    clip = harness.build_clip(seed=4)
+    with torch.inference_mode():
+        clip = harness.build_clip(seed=4)
     te, te2, tok, tok2 = convert.text_encoders_from_clip(clip, torch.device("cpu"))
     text = "a photo of a dog on the beach"
     with torch.no_grad():
@@ -103,7 +112,7 @@ def _hashes(model, clip):
 
 
 def test_trains_subject_and_style_and_leaves_the_graph_model_alone(folders, caplog):
-    model, clip, vae = harness.build_tiny_sdxl(seed=0)
+    model, clip, vae = graph_models()
     before = _hashes(model, clip)
     data = write_dataset(folders["root"] / "subject", CAPTIONS)
     with caplog.at_level(logging.WARNING):
@@ -150,7 +159,7 @@ def test_cancel_then_resume_equals_an_uninterrupted_run(folders):
     import comfy.model_management as mm
     import comfy.utils
 
-    model, clip, vae = harness.build_tiny_sdxl(seed=0)
+    model, clip, vae = graph_models()
     data = write_dataset(folders["root"] / "subject", CAPTIONS)
     run_node(model, clip, vae, **node_inputs(data, steps=6, output_name="straight"))
     _interrupt_at(3)
@@ -176,7 +185,7 @@ def test_cancel_then_resume_equals_an_uninterrupted_run(folders):
 def test_exception_inside_the_loop_leaves_the_model_alone(folders):
     import comfy.utils
 
-    model, clip, vae = harness.build_tiny_sdxl(seed=0)
+    model, clip, vae = graph_models()
     before = _hashes(model, clip)
     data = write_dataset(folders["root"] / "subject", CAPTIONS)
 
@@ -217,7 +226,7 @@ def _sd15_model():
     ("not_sdxl", "not an SDXL model"),
 ])
 def test_bad_inputs_give_clear_errors_and_write_nothing(folders, case, message):
-    model, clip, vae = harness.build_tiny_sdxl(seed=0)
+    model, clip, vae = graph_models()
     data = write_dataset(folders["root"] / "subject", CAPTIONS)
     inputs = node_inputs(data)
     if case == "missing_dir":
@@ -240,7 +249,7 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(folders, case, message):
 
 
 def test_refuses_to_overwrite_unless_asked(folders):
-    model, clip, vae = harness.build_tiny_sdxl(seed=0)
+    model, clip, vae = graph_models()
     data = write_dataset(folders["root"] / "subject", CAPTIONS)
     (folders["loras"] / "dco_test.safetensors").write_bytes(b"keep me")
     with pytest.raises(DCOError, match="already exists"):
@@ -255,7 +264,7 @@ def test_config_json_dataset_and_validation_previews(folders):
 
     import comfy.utils
 
-    model, clip, vae = harness.build_tiny_sdxl(seed=0)
+    model, clip, vae = graph_models()
     data = write_dataset(folders["root"] / "imgs", CAPTIONS)
     cfg = {"mine": {"images": [str(data / f"img{i}.png") for i in range(3)], "prompts": CAPTIONS,
                     "inserting_tokens": ["<obj>"], "initializer_tokens": ["toy"]}}
