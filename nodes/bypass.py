@@ -59,12 +59,12 @@ def extra_patches(model: Any, model_ft: Any) -> dict[str, list]:
                 "from model. Take model_ft from model's output through the LoRA loader(s), not the "
                 "other way round."
             )
-    for name in ("weight_wrapper_patches",):
-        extra_wrappers = set(getattr(model_ft, name, {})) - set(getattr(model, name, {}))
-        if extra_wrappers:
+    base_wrappers = getattr(model, "weight_wrapper_patches", {})
+    for key, fns in getattr(model_ft, "weight_wrapper_patches", {}).items():
+        if len(fns) > len(base_wrappers.get(key, [])):
             raise DCOError(
-                f"model_ft carries weight wrappers (for example on {sorted(extra_wrappers)[0]}) that the "
-                "reward-guidance guider cannot apply; load the LoRA with a LoraLoader instead."
+                f"model_ft carries a weight wrapper on {key} (a trained in-memory adapter) that the "
+                "reward-guidance guider cannot apply; save the LoRA and load it with a LoraLoader instead."
             )
     if set(model_ft.object_patches) != set(model.object_patches):
         log.warning("DCO: model_ft has object patches that model lacks; they are ignored on the token pass.")
@@ -108,21 +108,23 @@ class _ModuleDelta:
     bias_patches: list = field(default_factory=list)
     _cache: dict = field(default_factory=dict)
 
-    def kind(self) -> str:
+    def __post_init__(self) -> None:
         weight = getattr(self.module, "weight", None)
+        self.conv_fn = None
+        self.conv_args: dict = {}
         if weight is None:
-            return "none"
-        if weight.ndim == 2 and hasattr(self.module, "in_features"):
-            return "linear"
-        if weight.ndim in _CONV and hasattr(self.module, "stride"):
-            return "conv"
-        return "other"
-
-    def _conv_args(self) -> dict:
-        m = self.module
-        if getattr(m, "padding_mode", "zeros") != "zeros":
-            raise DCOError(f"The layer {self.path} pads with {m.padding_mode!r}; its LoRA cannot be applied as a bypass.")
-        return {"stride": m.stride, "padding": m.padding, "dilation": m.dilation, "groups": m.groups}
+            self.kind = "none"
+        elif weight.ndim == 2 and hasattr(self.module, "in_features"):
+            self.kind = "linear"
+        elif weight.ndim in _CONV and hasattr(self.module, "stride"):
+            self.kind = "conv"
+            m = self.module
+            if getattr(m, "padding_mode", "zeros") != "zeros":
+                raise DCOError(f"The layer {self.path} pads with {m.padding_mode!r}; a LoRA on it cannot be applied as a bypass.")
+            self.conv_fn = _CONV[weight.ndim]
+            self.conv_args = {"stride": m.stride, "padding": m.padding, "dilation": m.dilation, "groups": m.groups}
+        else:
+            self.kind = "other"
 
     def _effective(self, name: str, device: torch.device) -> torch.Tensor:
         """The layer's weight or bias as `model` uses it (base patches included), in fp32."""
@@ -143,7 +145,7 @@ class _ModuleDelta:
             # every LoRA of this layer folded into one (down, up) pair: one matmul pair per call
             down = torch.cat([d.to(x.device, torch.float32).flatten(1) for d, _, _ in self.loras])
             up = torch.cat([u.to(x.device, torch.float32).flatten(1) * s for _, u, s in self.loras], dim=1)
-            if self.kind() == "conv":
+            if self.kind == "conv":
                 kernel = self.loras[0][0].shape[2:]
                 down = down.view(down.shape[0], -1, *kernel)
                 up = up.view(up.shape[0], up.shape[1], *([1] * len(kernel)))
@@ -161,16 +163,15 @@ class _ModuleDelta:
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         t = self._tensors(x)
-        conv = self.kind() == "conv"
+        conv = self.conv_fn
         result = None
         if "down" in t:
-            if conv:
-                fn = _CONV[t["down"].ndim]
-                result = fn(fn(x, t["down"], None, **self._conv_args()), t["up"])
+            if conv is not None:
+                result = conv(conv(x, t["down"], None, **self.conv_args), t["up"])
             else:
                 result = F.linear(F.linear(x, t["down"]), t["up"])
         if "dw" in t:
-            extra = _CONV[t["dw"].ndim](x, t["dw"], None, **self._conv_args()) if conv else F.linear(x, t["dw"])
+            extra = conv(x, t["dw"], None, **self.conv_args) if conv is not None else F.linear(x, t["dw"])
             result = extra if result is None else result + extra
         if "db" in t:
             db = t["db"].view(-1, *([1] * (x.ndim - 2))) if conv else t["db"]
@@ -213,7 +214,7 @@ class BypassLoRA:
             if module is None or attr not in ("weight", "bias"):
                 raise DCOError(f"model_ft patches {key}, which is not a layer weight of this model; it cannot be applied.")
             entry = by_path.setdefault(path, _ModuleDelta(module=module, path=path))
-            if entry.kind() not in ("linear", "conv"):
+            if entry.kind not in ("linear", "conv"):
                 raise DCOError(
                     f"model_ft patches {key}, a {type(module).__name__} weight. The reward-guidance guider "
                     "applies LoRAs to Linear and Conv layers only; use a LoRA without normalisation-layer weights."

@@ -44,6 +44,7 @@ class RewardGuidanceGuider(comfy.samplers.CFGGuider):
     def __init__(self, model: Any, model_ft: Any, one_batch: bool = True):
         super().__init__(model)
         self.extra = extra_patches(model, model_ft)
+        BypassLoRA(model.model, self.extra)  # refuses unsupported patches now, at the guider node
         if not self.extra:
             log.warning("DCO: model_ft carries no LoRA on top of model; reward guidance then only changes the prompt.")
         self.cfg = 7.5
