@@ -146,7 +146,7 @@ class _ModuleDelta:
             down = torch.cat([d.to(x.device, torch.float32).flatten(1) for d, _, _ in self.loras])
             up = torch.cat([u.to(x.device, torch.float32).flatten(1) * s for _, u, s in self.loras], dim=1)
             if self.kind == "conv":
-                kernel = self.loras[0][0].shape[2:]
+                kernel = self.module.weight.shape[2:]
                 down = down.view(down.shape[0], -1, *kernel)
                 up = up.view(up.shape[0], up.shape[1], *([1] * len(kernel)))
             out["down"], out["up"] = down.to(x.dtype), up.to(x.dtype)

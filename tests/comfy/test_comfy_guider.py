@@ -269,19 +269,55 @@ def _record_batches(model):
     return sizes, handle
 
 
-@pytest.mark.parametrize("rg, one_batch, per_step", [(0.0, True, [2]), (3.0, True, [3]), (3.0, False, [2, 1])],
-                         ids=["rg0", "one-batch", "two-pass"])
-def test_forward_passes_per_step(clip, conds, lora_dir, rg, one_batch, per_step):
+@pytest.mark.parametrize("cfg, rg, one_batch, per_step", [
+    (5.0, 0.0, True, [2]), (5.0, 3.0, True, [3]), (5.0, 3.0, False, [2, 1]), (1.0, 3.0, True, [2]), (1.0, 1.0, True, [1]),
+], ids=["rg0", "one-batch", "two-pass", "cfg1", "cfg1-rg1"])
+def test_forward_passes_per_step(clip, conds, lora_dir, cfg, rg, one_batch, per_step):
     """rg = 0 runs token + negative only (no base pass); otherwise one batch of three prompts,
-    or a pair then the token prompt alone."""
+    or a pair then the token prompt alone; cfg 1 skips the negative, and rg 1 then the base too."""
     model = harness.build_model(seed=0)
     model_ft = load_loras(model, clip, [(SUBJECT, 1.0)])
     sizes, handle = _record_batches(model)
+    latent = torch.zeros(1, 4, 8, 8)
     try:
-        sample(our_guider(model, model_ft, conds, rg=rg, one_batch=one_batch), torch.zeros(1, 4, 8, 8), "euler", 3)
+        ours = sample(our_guider(model, model_ft, conds, cfg=cfg, rg=rg, one_batch=one_batch), latent, "euler", 3)
     finally:
         handle.remove()
     assert sizes == per_step * 3
+    if rg:
+        ref = sample(stock_guider(model, clip, conds, [(SUBJECT, 1.0)], cfg=cfg, rg=rg), latent, "euler", 3)
+        plain = sample(stock_guider(model, clip, conds, [], cfg=cfg, rg=rg), latent, "euler", 3)
+        assert_close(ours, ref, plain, f"cfg {cfg} rg {rg} vs DualCFG + hook LoRA")
+
+
+def test_one_batch_falls_back_to_two_passes(clip, conds, lora_dir, caplog):
+    """When a layer's batch does not line up with the prompts' rows, the guider switches to two
+    passes for the rest of the run and gives exactly the two-pass result."""
+    model = harness.build_model(seed=0)
+    model_ft = load_loras(model, clip, [(SUBJECT, 1.0)])
+
+    class Misaligned(guider_mod.RewardGuidanceGuider):
+        @staticmethod
+        def _rows_wrapper(bypass):
+            inner = guider_mod.RewardGuidanceGuider._rows_wrapper(bypass)
+
+            def wrapper(executor, x, t, *args, **kwargs):
+                def misaligned(*a, **k):
+                    if bypass.rows is not None and bypass.rows is not bypass_mod.ALL_ROWS:
+                        bypass.batch += 1  # what a layer that reshapes its batch would look like
+                    return executor(*a, **k)
+                return inner(misaligned, x, t, *args, **kwargs)
+            return wrapper
+
+    guider = Misaligned(model, model_ft)
+    guider.set_conds(conds["token"], conds["base"], conds["neg"])
+    guider.set_cfg(5.0, 3.0)
+    latent = torch.zeros(1, 4, 8, 8)
+    ours = sample(guider, latent, "euler", 2)
+    assert any("using two passes" in r.getMessage() for r in caplog.records)
+    two_pass = sample(our_guider(model, model_ft, conds, one_batch=False), latent, "euler", 2)
+    assert torch.equal(ours, two_pass)
+    assert guider.one_batch, "the fallback lasts one run; the next run tries one batch again"
 
 
 def test_rg_zero_is_plain_cfg_of_model_ft(clip, conds, lora_dir):
