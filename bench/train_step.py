@@ -35,8 +35,13 @@ SDXL_UNET = dict(
 )
 
 
-def sdxl_components(tokenizer_dir: Path):
-    """Real SDXL shapes (UNet 2.6 B params, CLIP-L, CLIP-G) with random weights; no VAE needed."""
+MID_UNET = dict(  # SDXL's block layout at 128 base channels and real conditioning widths (~130 M params)
+    SDXL_UNET, block_out_channels=(128, 256, 512), transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8),
+)
+
+
+def sdxl_components(tokenizer_dir: Path, unet_config: dict = SDXL_UNET):
+    """SDXL shapes (real UNet 2.6 B params, or the mid layout; CLIP-L, CLIP-G) with random weights; no VAE."""
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -53,7 +58,7 @@ def sdxl_components(tokenizer_dir: Path):
                                                      **common))
     for t, e in ((tok, te), (tok2, te2)):
         fix_eos_pooling(e, t)
-    unet = UNet2DConditionModel(**SDXL_UNET)
+    unet = UNet2DConditionModel(**unet_config)
     return SDXLComponents(unet, None, te, te2, tok, tok2, EulerDiscreteScheduler(**SDXL_SCHEDULER))
 
 
@@ -61,6 +66,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--sdxl-shapes", action="store_true", help="real SDXL sizes with random weights")
+    p.add_argument("--mid", action="store_true", help="SDXL layout at 128 base channels: compute-bound on a CPU")
     p.add_argument("--resolution", type=int, default=None, help="pixels (default 64 tiny, 1024 SDXL)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
@@ -72,8 +78,9 @@ def main() -> None:
         sys.exit("no CUDA device")
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="dco-bench-"))
-    if args.sdxl_shapes:
-        comps, res = sdxl_components(tmp / "tok"), args.resolution or 1024
+    if args.sdxl_shapes or args.mid:
+        comps = sdxl_components(tmp / "tok", SDXL_UNET if args.sdxl_shapes else MID_UNET)
+        res = args.resolution or (1024 if args.sdxl_shapes else 256)
     else:
         from dco_train.tiny import build_tiny_sdxl
 
@@ -115,7 +122,8 @@ def main() -> None:
             if cuda:
                 peak[beta] = max(peak.get(beta, 0), torch.cuda.max_memory_allocated() / 2**20)
     d, pl = statistics.median(dco), statistics.median(plain)
-    print(f"device {trainer.device} {'sdxl-shapes' if args.sdxl_shapes else 'tiny'} {res}px batch {args.batch} "
+    shape = "sdxl-shapes" if args.sdxl_shapes else "mid" if args.mid else "tiny"
+    print(f"device {trainer.device} {shape} {res}px batch {args.batch} "
           f"mixed_precision {trainer.mp} ti {args.ti}", file=sys.stderr)
     print(f"dco_over_plain {d / pl:.3f}")
     print(f"dco_step_ms {d * 1000:.1f}")

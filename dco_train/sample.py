@@ -22,7 +22,7 @@ import torch
 
 from .errors import DCOError
 from .formats import LORA_PREFIXES, load_embeddings, load_lora
-from .lora import lora_disabled
+from .lora import lora_disabled, refresh_layers
 from .models import SDXLComponents
 from .rg import cfg_mix, rg_mix
 from .text import PromptEmbeds, encode_prompts, replace_tokens
@@ -134,6 +134,7 @@ def load_adapters(
 
             loaded.word_map = dict(zip(json.loads(lora.metadata["dco.tokens"]), json.loads(lora.metadata.get("dco.initializers", "[]"))))
     for model in models.values():
+        refresh_layers(model)
         for layer in model.modules():
             if isinstance(layer, BaseTunerLayer) and loaded.names:
                 layer.set_adapter([n for n in loaded.names if n in layer.lora_A])

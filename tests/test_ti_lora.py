@@ -101,3 +101,28 @@ def test_random_initialiser_uses_the_table_spread(tiny):
     table = tiny.text_encoder.get_input_embeddings().weight
     ratio = ts.rows[0].rows.std().item() / table.std().item()
     assert 0.5 < ratio < 2.0
+
+
+def test_fast_switch_matches_peft_enable_adapters(tiny):
+    from dco_train.lora import set_lora_enabled
+
+    params = add_lora(tiny.unet, 4, 4.0, UNET_TARGETS, seed=0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.1)
+    inputs = _unet_inputs(tiny.unet)
+    layers = [m for m in tiny.unet.modules() if hasattr(m, "enable_adapters") and hasattr(m, "lora_A")]
+    with torch.no_grad():
+        set_lora_enabled(tiny.unet, False)
+        ours_off = tiny.unet(**inputs).sample
+        set_lora_enabled(tiny.unet, True)
+        ours_on = tiny.unet(**inputs).sample
+        for layer in layers:
+            layer.enable_adapters(False)
+        peft_off = tiny.unet(**inputs).sample
+        for layer in layers:
+            layer.enable_adapters(True)
+        peft_on = tiny.unet(**inputs).sample
+    assert torch.equal(ours_off, peft_off) and torch.equal(ours_on, peft_on)
+    assert not torch.equal(ours_on, ours_off)
+    assert all(p.requires_grad for p in params)  # the switch leaves the trainable flags alone
