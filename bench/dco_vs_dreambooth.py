@@ -45,6 +45,10 @@ def main() -> None:
         monitor = [h for h in res.history if "drift" in h]
         results[name] = monitor[-1]
         results[name + "_start_fit"] = monitor[0]["fit"]
+        steps = [h for h in res.history if "loss" in h]
+        step_s = steps[-1]["elapsed_s"] / len(steps)
+        measures = [h["drift_s"] for h in monitor if "drift_s" in h]
+        results[name + "_meter_cost"] = (sum(measures) / len(measures)) / (200 * step_s)  # at the default cadence
     print(f"steps {args.steps} lr {args.lr} beta {args.beta}", file=sys.stderr)
     print(f"fit_start {results['dco_start_fit']:.6f}")
     for name in ("dco", "db"):
@@ -53,6 +57,10 @@ def main() -> None:
     print(f"drift_dco_over_db {results['dco']['drift'] / results['db']['drift']:.3f}")
     gain = lambda n: results["dco_start_fit"] - results[n]["fit"]  # noqa: E731
     print(f"fit_gain_dco_over_db {gain('dco') / gain('db'):.3f}" if gain("db") else "fit_gain_dco_over_db nan")
+    for name in ("dco", "db"):  # drift paid per unit of fit gained: lower = more fit for less drift
+        print(f"drift_per_fit_gain_{name} {results[name]['drift'] / gain(name):.3f}" if gain(name) > 0 else
+              f"drift_per_fit_gain_{name} nan")
+    print(f"meter_cost_fraction_at_default_every_200 {results['dco_meter_cost']:.4f}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ DEFAULT_PROMPTS = (
     "a red car parked on a city street",
     "a bowl of fruit on a wooden table",
 )
-TIMESTEPS = (100, 300, 500, 700, 900)
+TIMESTEPS = (200, 500, 800)  # each measured sample is used at all of these
 
 
 class DriftMeter:
@@ -53,9 +53,13 @@ class DriftMeter:
         self.prompts = list(DEFAULT_PROMPTS) + list(extra_prompts)
         shape = tuple(items[0].mean.shape)
         same = [it for it in items if tuple(it.mean.shape) == shape]  # one batch needs one latent shape
+        # every held-out prompt and every fit item at each of the fixed timesteps: one low-variance batch each
         held = [same[i % len(same)] for i in range(len(self.prompts))]
         fit = same[:max_fit_items]
-        self.train_prompts = [it.prompt for it in fit]
+        k = len(TIMESTEPS)
+        self.prompts = [p for p in self.prompts for _ in range(k)]
+        self.train_prompts = [it.prompt for it in fit for _ in range(k)]
+        held, fit = [it for it in held for _ in range(k)], [it for it in fit for _ in range(k)]
         self.held = self._inputs(torch.stack([it.mean.float().cpu() for it in held]), [it.time_ids for it in held], g)
         self.fit_inputs = self._inputs(torch.stack([it.mean.float().cpu() for it in fit]), [it.time_ids for it in fit], g)
         self.eps_ref: torch.Tensor | None = None
@@ -70,13 +74,17 @@ class DriftMeter:
             "time_ids": torch.stack([ti.float() for ti in time_ids]).to(self.device),
         }
 
-    def _eps(self, inputs: dict[str, torch.Tensor], cond: PromptEmbeds) -> torch.Tensor:
-        with self.autocast():
-            out = self.unet(
-                inputs["x_t"], inputs["t"], encoder_hidden_states=cond.embeds,
-                added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": inputs["time_ids"]},
-            ).sample
-        return out.float()
+    def _eps(self, inputs: dict[str, torch.Tensor], cond: PromptEmbeds, chunk: int = 4) -> torch.Tensor:
+        outs = []
+        for i in range(0, inputs["x_t"].shape[0], chunk):  # small batches: SDXL at 1024 px is memory-hungry
+            s = slice(i, i + chunk)
+            with self.autocast():
+                out = self.unet(
+                    inputs["x_t"][s], inputs["t"][s], encoder_hidden_states=cond.embeds[s],
+                    added_cond_kwargs={"text_embeds": cond.pooled[s], "time_ids": inputs["time_ids"][s]},
+                ).sample
+            outs.append(out.float())
+        return torch.cat(outs)
 
     @torch.no_grad()
     def measure(self, text_models: Sequence[Any] = ()) -> dict[str, float]:

@@ -59,6 +59,7 @@ class StepInfo:
     eta_s: float
     drift: float | None = None
     fit: float | None = None
+    drift_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -443,7 +444,9 @@ class _Trainer:
         cfg = self.cfg
         if self.drift is not None and (self.step % cfg.drift_every == 0 or self.step == cfg.max_train_steps):
             text_models = self.comps.text_encoders if cfg.train_text_encoder_lora else ()
+            t0 = time.perf_counter()
             info.__dict__.update(self.drift.measure(text_models))
+            info.drift_s = time.perf_counter() - t0  # what the meter cost (reported in the log)
         if cfg.validation_every and cfg.validation_prompts and self.cb.on_preview and self.is_main and (
             self.step % cfg.validation_every == 0 or self.step == cfg.max_train_steps
         ):
