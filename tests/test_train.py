@@ -63,3 +63,33 @@ def test_callbacks_report_every_step_and_stop_saves_a_checkpoint(tiny, subject_d
     assert seen == [1, 2] and res.stopped and res.step == 2
     assert [p.name for p in res.checkpoints] == ["checkpoint-2"]
     assert res.lora is None  # an unfinished run writes no final LoRA; its checkpoint resumes it
+
+
+def test_gradient_checkpointing_gives_the_same_run(tokenizer_dir, subject_dir, tmp_path):
+    from dco_train.tiny import build_tiny_sdxl
+
+    runs = []
+    for gc in (False, True):
+        cfg = quick_config(data_dir=str(subject_dir), max_train_steps=3, learning_rate=1e-2, gradient_checkpointing=gc)
+        runs.append(train(cfg, build_tiny_sdxl(seed=0, tokenizer_dir=tokenizer_dir),
+                          RunOptions(output_dir=tmp_path / str(gc), progress_bar=False, log_with=None)))
+    assert runs[1].components.unet.is_gradient_checkpointing
+    a, b = [h["loss"] for h in runs[0].history], [h["loss"] for h in runs[1].history]
+    assert a == pytest.approx(b, rel=1e-4)  # recomputation changes nothing but float rounding
+
+
+def test_buckets_batch_images_of_one_shape(tiny, tmp_path):
+    from helpers import write_images
+
+    data = tmp_path / "mixed"
+    write_images(data, ["a wide <obj>", "another wide <obj>"], size=(256, 128))
+    write_images(tmp_path / "tall", ["a tall <obj>", "another tall <obj>"], size=(128, 256))
+    for i, p in enumerate(sorted((tmp_path / "tall").iterdir())):
+        p.rename(data / f"tall_{p.name}")
+    shapes = []
+    tiny.unet.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape)))
+    res = _run(tiny, tmp_path, data_dir=str(data), buckets=True, resolution=128, train_batch_size=2, max_train_steps=4)
+    assert len(res.history) == 4
+    wide = {s for s in shapes if s[-1] > s[-2]}
+    tall = {s for s in shapes if s[-1] < s[-2]}
+    assert wide and tall and all(s[0] == 2 for s in shapes)  # both buckets trained, never mixed in a batch
