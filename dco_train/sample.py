@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -122,7 +123,9 @@ def load_adapters(
                 rank_pattern={f"^{k}$".replace(".", r"\."): m.rank for k, m in targets.items()},
                 alpha_pattern={f"^{k}$".replace(".", r"\."): m.alpha for k, m in targets.items()},
             )
-            inject_adapter_in_model(config, model, adapter_name=name)
+            with warnings.catch_warnings():  # a second adapter (a merge) is what we want here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                inject_adapter_in_model(config, model, adapter_name=name)
             with torch.no_grad():
                 for module_name, m in targets.items():
                     layer = model.get_submodule(module_name)
