@@ -18,4 +18,7 @@ class DCOExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> DCOExtension:
+    from . import routes
+
+    routes.register()  # the page's GET /dco/embeddings; a no-op without a running server
     return DCOExtension()

@@ -1,0 +1,177 @@
+// The training monitor's data handling (web/dco_monitor_data.js): `node --test tests/js/`.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+
+import {
+  MonitorStore, RingBuffer, TrainRun, axisRange, formatDuration, formatValue, statusLine,
+} from "../../web/dco_monitor_data.js";
+
+function running(node, run, step, extra = {}) {
+  return {
+    node, run, status: "running", total: 10, step, loss: 0.7 - step * 0.01, err_model: 0.1 + step, err_ref: 0.2,
+    reward_gap: 0.1, lr: 5e-5, elapsed_s: step, eta_s: 10 - step, it_s: 2.5, ...extra,
+  };
+}
+
+test("ring buffer keeps items in order below capacity", () => {
+  const b = new RingBuffer(4);
+  [1, 2, 3].forEach((x) => b.push(x));
+  assert.equal(b.length, 3);
+  assert.deepEqual(b.toArray(), [1, 2, 3]);
+  assert.deepEqual([...b], [1, 2, 3]);
+  assert.equal(b.at(0), 1);
+  assert.equal(b.at(-1), 3);
+  assert.equal(b.last(), 3);
+  assert.equal(b.at(3), undefined);
+  assert.equal(b.at(-4), undefined);
+});
+
+test("ring buffer drops the oldest items when full, across several wrap-arounds", () => {
+  const b = new RingBuffer(3);
+  for (let i = 1; i <= 10; i++) b.push(i);
+  assert.equal(b.length, 3);
+  assert.deepEqual(b.toArray(), [8, 9, 10]);
+  assert.equal(b.dropped, 7);
+  assert.equal(b.at(0), 8);
+  assert.equal(b.at(-1), 10);
+});
+
+test("ring buffer pops from the newest end and clears", () => {
+  const b = new RingBuffer(3);
+  for (let i = 1; i <= 5; i++) b.push(i); // holds 3, 4, 5 with a wrapped start
+  b.popWhile((x) => x >= 4);
+  assert.deepEqual(b.toArray(), [3]);
+  b.push(6);
+  b.push(7);
+  b.push(8);
+  assert.deepEqual(b.toArray(), [6, 7, 8]);
+  b.clear();
+  assert.equal(b.length, 0);
+  assert.deepEqual(b.toArray(), []);
+  b.push(9);
+  assert.deepEqual(b.toArray(), [9]);
+});
+
+test("ring buffer refuses a capacity below one", () => {
+  assert.throws(() => new RingBuffer(0), /capacity of at least 1/);
+  assert.throws(() => new RingBuffer(2.5), RangeError);
+});
+
+test("a run collects steps, skips missing values per series and keeps drift / fit apart", () => {
+  const store = new MonitorStore();
+  assert.equal(store.apply({ node: "7", run: "a1", status: "start", total: 10 }).status, "start");
+  store.apply(running("7", "a1", 1, { err_ref: null, reward_gap: null }));
+  store.apply(running("7", "a1", 2, { drift: 0.01, fit: 0.5 }));
+  store.apply(running("7", "a1", 3));
+  const run = store.get(7); // numeric ids find the string key
+  assert.equal(run.id, "a1");
+  assert.equal(run.status, "running");
+  assert.equal(run.total, 10);
+  assert.equal(run.step, 3);
+  assert.equal(run.itPerSec, 2.5);
+  assert.deepEqual(run.series("loss")[0], [1, 2, 3]);
+  assert.deepEqual(run.series("err_ref")[0], [2, 3], "a null err_ref (beta <= 0) is not drawn");
+  assert.deepEqual(run.series("drift"), [[2], [0.01]]);
+  assert.deepEqual(run.series("fit"), [[2], [0.5]]);
+  store.apply({ node: "7", run: "a1", status: "done", total: 10, step: 3 });
+  assert.equal(run.status, "done");
+  assert.equal(run.finished, true);
+  assert.equal(run.etaS, 0);
+});
+
+test("several trainer nodes each keep their own run", () => {
+  const store = new MonitorStore();
+  store.apply({ node: "2", run: "aaa", status: "start", total: 5 });
+  store.apply({ node: "9", run: "bbb", status: "start", total: 3 });
+  for (let s = 1; s <= 5; s++) store.apply(running("2", "aaa", s));
+  store.apply(running("9", "bbb", 1));
+  store.apply({ node: "9", run: "bbb", status: "error", total: 3, message: "NaN loss at step 2" });
+  const a = store.get("2");
+  const b = store.get("9");
+  assert.equal(a.id, "aaa");
+  assert.equal(a.loss.length, 5);
+  assert.equal(a.status, "running");
+  assert.equal(b.id, "bbb");
+  assert.equal(b.loss.length, 1);
+  assert.equal(b.status, "error");
+  assert.equal(b.message, "NaN loss at step 2");
+  assert.match(statusLine(b), /^error · NaN loss at step 2$/);
+});
+
+test("a restart after an interrupt replaces the old run and ignores its late events", () => {
+  const store = new MonitorStore();
+  store.apply({ node: "4", run: "old", status: "start", total: 10 });
+  for (let s = 1; s <= 4; s++) store.apply(running("4", "old", s));
+  store.apply({ node: "4", run: "old", status: "interrupted", total: 10, step: 4 });
+  assert.equal(store.get("4").status, "interrupted");
+  assert.match(statusLine(store.get("4")), /^interrupted · step 4\/10/);
+  // resume = latest: a new execution, a new run id, steps continue at 5
+  store.apply({ node: "4", run: "new", status: "start", total: 10 });
+  const run = store.get("4");
+  assert.equal(run.id, "new");
+  assert.equal(run.loss.length, 0, "the new run starts with an empty chart");
+  for (let s = 5; s <= 7; s++) store.apply(running("4", "new", s));
+  assert.deepEqual(run.series("loss")[0], [5, 6, 7]);
+  assert.equal(store.apply(running("4", "old", 5)), null, "a late event of the old run is dropped");
+  assert.equal(store.get("4").id, "new");
+  assert.deepEqual(store.get("4").series("loss")[0], [5, 6, 7]);
+});
+
+test("a run that goes back in steps forgets the steps from there on", () => {
+  const store = new MonitorStore();
+  for (let s = 1; s <= 6; s++) store.apply(running("1", "r", s, s % 2 ? {} : { drift: s, fit: s }));
+  store.apply(running("1", "r", 4));
+  const run = store.get("1");
+  assert.deepEqual(run.series("loss")[0], [1, 2, 3, 4]);
+  assert.deepEqual(run.series("drift")[0], [2]);
+});
+
+test("a long run keeps the newest points within the ring buffer's capacity", () => {
+  const store = new MonitorStore({ capacity: 50 });
+  for (let s = 1; s <= 120; s++) store.apply(running("3", "long", s, { total: 120 }));
+  const run = store.get("3");
+  assert.equal(run.loss.length, 50);
+  assert.equal(run.loss.at(0).step, 71);
+  assert.equal(run.loss.last().step, 120);
+  assert.equal(run.loss.dropped, 70);
+});
+
+test("malformed events are ignored", () => {
+  const store = new MonitorStore();
+  for (const ev of [null, 5, {}, { node: "1" }, { node: "1", run: "" , status: "start" }, { node: "1", run: "x", status: "bogus" },
+    { run: "x", status: "start" }]) {
+    assert.equal(store.apply(ev), null, JSON.stringify(ev));
+  }
+  assert.equal(store.runs.size, 0);
+  store.apply({ node: "1", run: "x", status: "start", total: 3 });
+  assert.equal(store.apply({ node: "1", run: "x", status: "running", total: 3 }), null, "running without a step");
+  assert.equal(store.apply(running("1", "x", 1, { loss: Number.NaN })).loss.last().loss, null, "NaN becomes a gap");
+});
+
+test("previews belong to the node's current run", () => {
+  const store = new MonitorStore();
+  assert.equal(store.setPreview("5", "blob:1"), null, "no run, nothing stored");
+  store.apply({ node: "5", run: "p", status: "start", total: 2 });
+  assert.equal(store.setPreview("5", "blob:1"), null);
+  assert.equal(store.setPreview("5", "blob:2"), "blob:1", "the replaced URL is returned for revoking");
+  assert.equal(store.get("5").preview, "blob:2");
+  store.apply({ node: "5", run: "q", status: "start", total: 2 });
+  assert.equal(store.get("5").preview, null);
+});
+
+test("axis range, durations, values and the header line", () => {
+  assert.deepEqual(axisRange([]), [0, 1]);
+  assert.deepEqual(axisRange([2, 2]), [1, 3]);
+  assert.deepEqual(axisRange([0, 10, Number.NaN]), [0, 10.5], "never-negative data keeps a zero floor");
+  assert.deepEqual(axisRange([-1, 9]), [-1.5, 9.5], "5 % headroom on both sides");
+  assert.equal(formatDuration(null), "–");
+  assert.equal(formatDuration(65), "1:05");
+  assert.equal(formatDuration(3725), "1:02:05");
+  assert.equal(formatValue(0.693147), "0.6931");
+  assert.equal(formatValue(5e-6), "5.00e-6");
+  assert.equal(formatValue(null), "–");
+  assert.equal(statusLine(null), "waiting for training to start");
+  const run = new TrainRun("1", "r");
+  run.apply(running("1", "r", 3));
+  assert.equal(statusLine(run), "step 3/10 · 2.5 it/s · ETA 0:07");
+});

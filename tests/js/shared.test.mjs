@@ -1,0 +1,36 @@
+// web/dco_shared.js: the hook helper every feature uses (`node --test tests/js/`).
+import { test } from "node:test";
+import assert from "node:assert/strict";
+
+import { FILES_CHANGED_EVENT, TRAIN_EVENT, chainMethod } from "../../web/dco_shared.js";
+
+test("chainMethod runs the original first, with the same this and arguments, and keeps its result", () => {
+  const calls = [];
+  class Node {
+    onExecuted(output) {
+      calls.push(["original", this.id, output]);
+      return "original result";
+    }
+  }
+  chainMethod(Node, "onExecuted", function (output) {
+    calls.push(["ours", this.id, output]);
+    return "ignored";
+  });
+  const node = Object.assign(new Node(), { id: 7 });
+  assert.equal(node.onExecuted({ images: [] }), "original result");
+  assert.deepEqual(calls, [["original", 7, { images: [] }], ["ours", 7, { images: [] }]]);
+});
+
+test("chainMethod works when there is no original and when chained twice", () => {
+  const order = [];
+  class Node {}
+  chainMethod(Node, "onRemoved", () => order.push("first"));
+  chainMethod(Node, "onRemoved", () => order.push("second"));
+  assert.equal(new Node().onRemoved(), undefined);
+  assert.deepEqual(order, ["first", "second"]);
+});
+
+test("event names are the Python side's", () => {
+  assert.equal(TRAIN_EVENT, "dco.train");
+  assert.equal(FILES_CHANGED_EVENT, "dco.files_changed");
+});
