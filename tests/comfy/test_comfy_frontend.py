@@ -1,0 +1,424 @@
+"""The pack's frontend, example workflows and registry packaging in a real ComfyUI server and page.
+
+One throwaway server per module (the pack and the test-only tiny-SDXL pack in its `custom_nodes/`,
+a small captioned dataset, a few embeddings files). Without a browser:
+- the JS files and GET /dco/embeddings are served, the four workflows are in /workflow_templates;
+- our nodes' live /object_info equals the static parse that the main suite checks workflows with
+  (tests/node_schemas.py), and the stock-node snapshot equals the live stock nodes;
+- every workflow passes the workflow checks against the live node list;
+- the prompt cases shared with the page's mirror hold for the Python node code.
+In headless Chromium (skipped with the reason when Chromium is not installed):
+- the extension loads with no console errors; each workflow loads from the Templates endpoint with
+  every node type known and `widgets_values` unchanged by the frontend;
+- DCO Prompt Pair shows the base prompt as the user types;
+- a tiny-model variant of dco_train_subject with two trainers is queued from the page: each
+  trainer's monitor receives its own run and draws its points, the run succeeds, the final curve
+  image arrives, the monitor survives collapse and zoom, and the new LoRAs appear in a LoraLoader
+  dropdown without a reload.
+Screenshots go to test-artifacts/browser-<ComfyUI version>/. Look at them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import urllib.error
+from pathlib import Path
+
+import pytest
+
+import harness
+
+harness.require()
+
+import torch  # noqa: E402
+
+import node_schemas  # noqa: E402
+import workflows  # noqa: E402
+from browser import Browser, find_chromium  # noqa: E402
+from test_comfy_server import Server  # noqa: E402
+from test_comfy_trainer import CAPTIONS, write_dataset  # noqa: E402
+from workflow_rules import (STOCK_FILE, check_workflow, load_workflow, schema_from_object_info,  # noqa: E402
+                            schema_to_json, workflow_files)
+
+formats = harness.pack_module("dco_train.formats")
+PACK = "ComfyUI-DCO"
+OURS = sorted(node_schemas.load())
+OUT = harness.REPO_ROOT / "test-artifacts" / f"browser-{harness.comfy_version()}"
+CASES = json.loads((harness.REPO_ROOT / "tests" / "data" / "prompt_cases.json").read_text(encoding="utf-8"))
+# Console errors that are not ours: files a fresh user directory lacks, and one error that
+# frontend 1.27.10 always logs (research/v3-both-versions.md).
+MISSING_USER_FILES = re.compile(r"/(api/userdata/user\.css|user\.css|favicon\.ico|api/userdata\?dir=\w+.*|"
+                                r"api/userdata/comfy\.templates\.json)$")
+FRONTEND_1_27_ERROR = "Cannot read properties of undefined (reading 'id')"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy-frontend")
+    nodes_dir = base / "custom_nodes"
+    nodes_dir.mkdir()
+    os.symlink(harness.REPO_ROOT, nodes_dir / PACK)
+    os.symlink(Path(__file__).resolve().parent / "fixture_pack", nodes_dir / "dco_test_fixture")
+    (base / "models" / "loras").mkdir(parents=True)
+    workflows.write_settings(base)
+    workflows.write_demo_models(base)  # dco_dog.safetensors: <dog> from "dog"
+    emb = base / "models" / "embeddings"
+    gen = torch.Generator().manual_seed(0)
+    formats.save_embeddings(emb / "pets.safetensors", formats.TokenEmbeddings(
+        tokens=["<dog>", "<cat>"], clip_l=torch.randn(3, 768, generator=gen), clip_g=torch.randn(3, 1280, generator=gen),
+        initializers=["dog", ""]))
+    from safetensors.torch import save_file
+
+    save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, str(emb / "reference.safetensors"))
+    write_dataset(base / "input" / "dco" / "star", CAPTIONS)
+    OUT.mkdir(parents=True, exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        # One torch thread in the server: on a 2-core machine shared with other work (and Chromium),
+        # two OpenMP threads oversubscribe the cores and a tiny training step slows down ~50x.
+        mp.setenv("OMP_NUM_THREADS", "1")
+        srv = Server(base)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _get_raw(server, path: str) -> tuple[int, str, bytes]:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(server.url + path, timeout=30) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers.get("Content-Type", ""), err.read()
+
+
+# ----------------------------------------------------------------------------- server side
+def test_pack_loads_and_serves_every_js_file(server):
+    log = server.log_text()
+    assert "Error while calling comfy_entrypoint" not in log, log[-3000:]
+    loaded = [line for line in log.splitlines() if "seconds" in line and line.rstrip().endswith(f"/{PACK}")]
+    assert loaded and "IMPORT FAILED" not in loaded[0], log[-3000:]
+    ours = [line for line in log.splitlines()
+            if f"/{PACK}/" in line or (PACK in line and re.search(r"warn|error|fail|traceback", line, re.I))]
+    assert not ours, "ComfyUI logged these about the pack:\n" + "\n".join(ours)
+    served = {p for p in server.get("/api/extensions") if f"/extensions/{PACK}/" in p}
+    expected = {f"/extensions/{PACK}/{p.name}" for p in (harness.REPO_ROOT / "web").glob("*.js")}
+    assert served == expected
+    for path in expected:
+        status, ctype, body = _get_raw(server, path)
+        assert status == 200 and "javascript" in ctype and body, path
+
+
+def test_embeddings_route_answers_tokens_words_and_rows(server):
+    info = server.get("/api/dco/embeddings?name=pets.safetensors")
+    assert info == {"name": "pets.safetensors", "tokens": ["<dog>", "<cat>"], "words": ["dog", ""], "recorded": True,
+                    "rows": {"clip_l": 2, "clip_g": 2}}
+    assert server.get("/dco/embeddings?name=reference.safetensors")["recorded"] is False
+    assert server.get("/dco/embeddings?name=reference.safetensors")["tokens"] == []  # no metadata: type them
+    for query, code in (("", 400), ("?name=missing.safetensors", 404), ("?name=../models/embeddings/pets.safetensors", 404)):
+        status, _, body = _get_raw(server, f"/api/dco/embeddings{query}")
+        assert status == code and json.loads(body)["error"].endswith("."), (query, body)
+
+
+def test_workflow_templates_lists_the_four_workflows_with_thumbnails(server):
+    templates = server.get("/api/workflow_templates")
+    assert sorted(templates[PACK]) == sorted(workflows.NAMES) and len(workflows.NAMES) == 4
+    for path in workflow_files():
+        assert server.get(f"/api/workflow_templates/{PACK}/{path.name}") == load_workflow(path)
+        status, _, body = _get_raw(server, f"/api/workflow_templates/{PACK}/{path.stem}.jpg")
+        assert status == 200 and body[:3] == b"\xff\xd8\xff", path.stem
+
+
+@pytest.mark.parametrize("node_id", OURS)
+def test_static_schema_parse_matches_object_info(server, node_id):
+    live = schema_from_object_info(node_id, server.get(f"/object_info/{node_id}")[node_id])
+    static = node_schemas.load()[node_id]
+    assert schema_to_json(static) == schema_to_json(live)
+    assert [s.tooltip for s in static.ordered_inputs()] == [s.tooltip for s in live.ordered_inputs()], (
+        "the static parse reads other tooltips than the node has (the README's reference uses them)")
+    assert (static.display_name, static.category) == (live.display_name, live.category)
+    assert static.description == live.description
+
+
+def test_stock_node_snapshot_matches_object_info(server):
+    saved = json.loads(STOCK_FILE.read_text(encoding="utf-8"))["nodes"]
+    info = server.get("/object_info")
+    live = {t: schema_to_json(schema_from_object_info(t, info[t])) for t in saved if t in info}
+    assert live == saved, ("tests/data/stock_nodes.json no longer matches this ComfyUI's stock nodes; "
+                           "rebuild it with tests/comfy/make_workflows.py")
+
+
+@pytest.mark.parametrize("path", workflow_files(), ids=lambda p: p.stem)
+def test_workflow_passes_the_checks_against_the_live_node_list(server, path):
+    info = server.get("/object_info")
+    schemas = {t: schema_from_object_info(t, spec) for t, spec in info.items()}
+    problems = check_workflow(load_workflow(path), schemas)
+    assert not problems, "\n".join(problems)
+
+
+def test_prompt_cases_hold_for_the_python_nodes(tmp_path):
+    emb = harness.pack_module("nodes.embeddings")
+    errors = harness.pack_module("dco_train.errors")
+    for case in CASES["base_prompt"]:
+        def run():
+            return emb.base_prompt(case["text"], case["known"], emb.parse_word_map(case["word_map"]))
+        if "error" in case:
+            with pytest.raises(errors.DCOError, match=re.escape(case["error"])):
+                run()
+        else:
+            assert run() == case["base"], case
+    for i, case in enumerate(CASES["loader"]):
+        path = tmp_path / f"case{i}.safetensors"
+        rows = {"clip_l": torch.zeros(case["rows"], 768), "clip_g": torch.zeros(case["rows"], 1280)}
+        meta = {}
+        if case["file_tokens"]:
+            meta = {formats.META_TOKENS: json.dumps(case["file_tokens"]),
+                    formats.META_INITIALIZERS: json.dumps(case["file_words"])}
+        formats.save_safetensors(path, rows, meta)
+
+        def load():
+            return formats.load_embeddings(path, emb.parse_tokens(case["typed"]) or None).word_map
+        if "error" in case:
+            with pytest.raises(errors.DCOError, match=re.escape(case["error"])):
+                load()
+        else:
+            assert list(load().items()) == list(case["map"].items()), case
+
+
+# ----------------------------------------------------------------------------- in the page
+APP_READY = ("!!(window.app?.graph && document.querySelector('#graph-canvas') && window.LiteGraph && "
+             "app.extensions?.some((e) => e.name === 'dco.prompt_helper'))")
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    if not find_chromium():
+        pytest.skip("Chromium is not installed (apt-get install -y chromium); the real-browser tests need it")
+    with Browser(1600, 1000) as b:
+        b.open(server.url)
+        b.wait_for(APP_READY, 120)
+        b.eval("new Promise((r) => setTimeout(r, 500))")
+        yield b
+
+
+def _benign(m: dict) -> bool:
+    url = m.get("url") or ""
+    if f"/extensions/{PACK}/" in url + m["text"]:
+        return False
+    missing = "status of 404" in m["text"] and MISSING_USER_FILES.search(url)
+    return bool(missing) or FRONTEND_1_27_ERROR in m["text"]
+
+
+def _ours_or_unexplained(messages: list[dict]) -> list[dict]:
+    return [m for m in messages if not _benign(m)]
+
+
+def test_extension_loads_without_console_errors(page):
+    names = page.eval("app.extensions.map((e) => e.name).filter((n) => n.startsWith('dco.'))")
+    assert sorted(names) == ["dco.prompt_helper", "dco.refresh", "dco.train_monitor"]
+    assert not _ours_or_unexplained(page.errors()), page.errors()
+    warnings = [m for m in page.console if f"/extensions/{PACK}/" in m.get("url", "") and m["level"] != "debug"]
+    assert not warnings, warnings
+
+
+def _fit_and_shoot(page, name: str, ids: list[int] | None = None) -> Path:
+    page.eval(f"({workflows.FIT_JS})({json.dumps({'margin': {'left': 70, 'top': 100, 'right': 30, 'bottom': 30}, 'ids': ids or []})})")
+    return page.screenshot(OUT / f"{name}.png")
+
+
+def _shoot_monitor(page, node_id: int, name: str) -> Path:
+    """A close-up of a trainer's monitor and what ComfyUI draws under it (previews, the curve)."""
+    rect = page.eval(f"""(async () => {{
+      const n = app.graph.getNodeById({node_id});
+      const ds0 = app.canvas.ds, c0 = app.canvas.canvas.getBoundingClientRect();
+      ds0.scale = 1;  // at 100 %: the node's bottom near the bottom of the window
+      ds0.offset[0] = 400 - n.pos[0];
+      ds0.offset[1] = c0.height - 30 - (n.pos[1] + n.size[1]);
+      app.canvas.setDirty(true, true);
+      await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+      await new Promise((r) => setTimeout(r, 300));
+      const r = n.dcoMonitor.root.getBoundingClientRect();
+      const ds = app.canvas.ds, c = app.canvas.canvas.getBoundingClientRect();
+      const bottom = c.top + (n.pos[1] + n.size[1] + ds.offset[1]) * ds.scale;
+      return [r.left - 8, r.top - 6, r.width + 16, Math.max(r.height, bottom - r.top) + 12];
+    }})()""")
+    return page.screenshot(OUT / f"{name}.png", clip=tuple(rect))
+
+
+@pytest.mark.parametrize("name", workflows.NAMES)
+def test_workflow_loads_from_the_templates_list(page, name):
+    listed = page.eval("window.comfyAPI.api.api.getWorkflowTemplates()")
+    assert name in listed[PACK], "the frontend's template list lacks the workflow"
+    result = page.eval(f"({workflows.LOAD_JS})('/api/workflow_templates/{PACK}/{name}.json')")
+    saved = load_workflow(harness.REPO_ROOT / "example_workflows" / f"{name}.json")
+    assert result["missing"] == [], f"node types unknown to the frontend: {result['missing']}"
+    assert result["nodes"] == len(saved["nodes"])
+    assert result["mismatched"] == [], "the frontend changed widgets_values on load (a widget is serialised or missing)"
+    _fit_and_shoot(page, f"workflow_{name}")
+    assert not _ours_or_unexplained(page.errors()), page.errors()
+
+
+def _helper(page) -> dict:
+    return page.eval("app.graph.nodes.find((n) => n.type === 'DCOPromptPair').dcoPromptHelper.result")
+
+
+def test_prompt_pair_shows_the_base_prompt_as_the_user_types(page):
+    page.eval(f"({workflows.LOAD_JS})('/api/workflow_templates/{PACK}/dco_subject_rg.json')")
+    first = page.wait_for("(() => { const r = app.graph.nodes.find((n) => n.type === 'DCOPromptPair')"
+                          ".dcoPromptHelper.result; return !r.pending && r; })()", 20)
+    assert first["base"] == "a dog playing saxophone on a beach at sunset" and first["error"] is None, first
+    assert first["known"] == [["<dog>", "dog"]], "the words come from the embeddings file through GET /dco/embeddings"
+    type_js = """(text) => {
+      const node = app.graph.nodes.find((n) => n.type === 'DCOPromptPair');
+      const w = node.widgets.find((x) => x.name === 'text');
+      const el = [w.element, w.inputEl].find((e) => e?.tagName === 'TEXTAREA') ?? w.element?.querySelector?.('textarea');
+      el.value = text;
+      el.dispatchEvent(new Event('input', { bubbles: true }));
+      return w.value;
+    }"""
+    assert page.eval(f"({type_js})('a <dog> and a <cat>')") == "a <dog> and a <cat>"
+    typed = _helper(page)
+    assert typed["base"] is None and "The prompt names <cat>" in typed["error"], typed
+    page.eval("""(() => { const node = app.graph.nodes.find((n) => n.type === 'DCOPromptPair');
+      const w = node.widgets.find((x) => x.name === 'word_map'); w.value = '<dog>=puppy'; w.callback?.(w.value); })()""")
+    page.eval(f"({type_js})('(<dog>:1.2) at night')")
+    assert _helper(page)["base"] == "(puppy:1.2) at night"
+    shown = page.eval("app.graph.nodes.find((n) => n.type === 'DCOPromptPair').dcoPromptHelper.root.textContent")
+    assert "(puppy:1.2) at night" in shown
+    _fit_and_shoot(page, "prompt_helper", ids=[3, 4])
+
+
+# The browser-test variant of dco_train_subject: the test-only tiny SDXL instead of Load Checkpoint,
+# training small enough for the CPU, a second trainer, and a muted LoraLoader whose dropdown must
+# pick up the new files.
+TINY_VARIANT_JS = r"""
+async () => {
+  const g = app.graph;
+  const byType = (t) => g.nodes.filter((n) => n.type === t);
+  const set = (node, values) => { for (const [k, v] of Object.entries(values)) node.widgets.find((w) => w.name === k).value = v; };
+  const [ckpt] = byType("CheckpointLoaderSimple");
+  const tiny = LiteGraph.createNode("DCOTestTinySDXL");
+  g.add(tiny);
+  tiny.pos = [...ckpt.pos];
+  for (const w of tiny.widgets) for (const c of w.linkedWidgets ?? []) c.value = "fixed";
+  for (let slot = 0; slot < 3; slot++) {
+    for (const id of [...(ckpt.outputs[slot].links ?? [])]) {
+      const link = g.getLink?.(id) ?? g.links.get?.(id) ?? g.links[id];
+      tiny.connect(slot, g.getNodeById(link.target_id), link.target_slot);
+    }
+  }
+  g.remove(ckpt);
+  const [a] = byType("DCOTrainer");
+  const small = { dataset_dir: "dco/star", tokens: "<obj>=toy", rank: 4, learning_rate: 0.001, text_encoder_lr: 0.001,
+                  resolution: 64, mixed_precision: "no", checkpoint_every: 0, seed: 0, overwrite: true };
+  set(a, { ...small, output_name: "browser_a", steps: 40, validation_prompt: "a <obj> on the beach", validation_every: 20 });
+  const b = LiteGraph.createNode("DCOTrainer");
+  g.add(b);
+  b.pos = [a.pos[0], a.pos[1] + a.size[1] + 400]; // room for the image previews A grows by
+  for (let slot = 0; slot < 3; slot++) tiny.connect(slot, b, slot);
+  set(b, { ...small, output_name: "browser_b", steps: 4, validation_prompt: "", validation_every: 0 });
+  set(byType("DCOPromptPair")[0], { text: "a photo of a <obj> on the beach" });
+  set(byType("BasicScheduler")[0], { steps: 2 });
+  set(byType("EmptyLatentImage")[0], { width: 64, height: 64 });
+  const lora = LiteGraph.createNode("LoraLoader");
+  g.add(lora);
+  lora.pos = [tiny.pos[0] - 400, tiny.pos[1]];
+  tiny.connect(0, lora, 0);
+  tiny.connect(1, lora, 1);
+  lora.mode = LiteGraph.NEVER ?? 2; // muted: only its dropdown matters
+  app.canvas.setDirty(true, true);
+  window.__dcoNoReload = true;
+  return { a: a.id, b: b.id, lora: lora.id, tiny: tiny.id };
+}
+"""
+
+
+def _stats(page, node_id: int) -> dict:
+    return page.eval(f"app.graph.getNodeById({node_id}).dcoMonitor.stats()")
+
+
+@pytest.fixture(scope="module")
+def training(page, server):
+    """Queue the tiny variant from the page and record what the monitors show on the way."""
+    page.eval(f"({workflows.LOAD_JS})('/api/workflow_templates/{PACK}/dco_train_subject.json')")
+    ids = page.eval(f"({TINY_VARIANT_JS})()")
+    before = page.eval(f"app.graph.getNodeById({ids['lora']}).widgets[0].options.values")
+    history_before = set(server.get("/api/history"))
+    page.eval("app.queuePrompt(0, 1).then(() => true)")
+    t0 = time.time()
+    mid = page.wait_for(f"(() => {{ const s = app.graph.getNodeById({ids['a']}).dcoMonitor.stats();"
+                        f" return s.status === 'running' && s.points >= 5 && s.drawn.loss > 0 && s; }})()", 300, 0.1)
+    _fit_and_shoot(page, "monitor_midrun", ids=[ids["a"]])
+    _shoot_monitor(page, ids["a"], "monitor_panel_midrun")
+    entry = None
+    while time.time() - t0 < 600:
+        new = {k: v for k, v in server.get("/api/history").items() if k not in history_before}
+        entry = next(iter(new.values()), None)
+        if entry and entry.get("status", {}).get("completed") is not None:
+            break
+        time.sleep(0.5)
+    page.wait_for(f"app.graph.getNodeById({ids['a']}).dcoMonitor.stats().finalImage", 30)
+    page.eval("new Promise((r) => setTimeout(r, 800))")  # the dropdown refresh and the last redraws
+    _fit_and_shoot(page, "monitor_done", ids=[ids["a"]])
+    _shoot_monitor(page, ids["a"], "monitor_panel_done")
+    _fit_and_shoot(page, "monitor_done_both", ids=[ids["a"], ids["b"]])
+    return {"ids": ids, "mid": mid, "entry": entry, "lora_before": before, "seconds": time.time() - t0,
+            "a": _stats(page, ids["a"]), "b": _stats(page, ids["b"])}
+
+
+def test_training_run_from_the_page_succeeds(training):
+    entry = training["entry"]
+    assert entry is not None, "the queued prompt never reached the history"
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
+
+
+def test_monitor_received_events_and_drew_points_mid_run(training):
+    mid = training["mid"]
+    assert mid["status"] == "running" and 5 <= mid["points"] < 40 and mid["total"] == 40
+    assert mid["drawn"]["loss"] >= 2 * (mid["points"] - 1), "loss and err_model (at least) are drawn for every step"
+    assert re.match(r"^step \d+/40 · [\d.e+-]+ it/s · ETA \d+:\d\d$", mid["header"]), mid["header"]
+
+
+def test_each_trainer_shows_its_own_finished_run(training):
+    a, b = training["a"], training["b"]
+    assert re.fullmatch(r"[0-9a-f]{12}", a["run"]) and re.fullmatch(r"[0-9a-f]{12}", b["run"]) and a["run"] != b["run"]
+    assert (a["status"], a["step"], a["total"], a["points"]) == ("done", 40, 40, 40)
+    assert (b["status"], b["step"], b["total"], b["points"]) == ("done", 4, 4, 4)
+    assert a["drawn"]["loss"] == 3 * 40, "loss, err_model and err_ref for each of the 40 steps"
+    assert a["monitorPoints"] >= 1 and a["drawn"]["monitor"] >= 1, "the drift meter's reading at the last step"
+    assert a["preview"] is True, "validation previews (every 20 steps) reach the monitor"
+    assert b["preview"] is False
+    assert a["finalImage"] and "/view?" in a["finalImage"], "onExecuted delivers the final curve image"
+
+
+def test_new_loras_appear_in_the_lora_dropdown_without_a_reload(training, page):
+    values = page.eval(f"app.graph.getNodeById({training['ids']['lora']}).widgets[0].options.values")
+    assert "browser_a.safetensors" not in training["lora_before"]
+    assert {"browser_a.safetensors", "browser_b.safetensors"} <= set(values), values
+    assert page.eval("window.__dcoNoReload === true"), "the page was reloaded"
+    refreshed = page.eval(f"import('/extensions/{PACK}/dco_refresh.js').then((m) => m.refreshed)")
+    assert refreshed["count"] >= 2 and refreshed["last"]["lora"] in ("browser_a.safetensors", "browser_b.safetensors")
+
+
+def test_monitor_survives_collapse_and_zoom(training, page):
+    node = training["ids"]["a"]
+    before = _stats(page, node)
+    page.eval(f"(async () => {{ const n = app.graph.getNodeById({node}); n.collapse(); app.canvas.setDirty(true, true);"
+              " await new Promise((r) => setTimeout(r, 400)); })()")
+    collapsed = _stats(page, node)
+    assert collapsed["visible"] is False, "a collapsed node hides its monitor"
+    page.eval(f"(async () => {{ const n = app.graph.getNodeById({node}); n.collapse(); app.canvas.setDirty(true, true);"
+              " await new Promise((r) => setTimeout(r, 400)); })()")
+    shown = _stats(page, node)
+    assert shown["visible"] is True and shown["points"] == before["points"] == 40
+    assert shown["drawn"]["loss"] == 120 and shown["drawn"]["frames"] > collapsed["drawn"]["frames"], "redrawn when shown"
+    page.eval("(async () => { app.canvas.ds.scale = 0.4; app.canvas.setDirty(true, true);"
+              " await new Promise((r) => setTimeout(r, 500)); })()")
+    zoomed = _stats(page, node)
+    assert zoomed["visible"] is True and zoomed["points"] == 40, "hideOnZoom is off: the chart stays when zoomed out"
+    page.screenshot(OUT / "monitor_zoomed_out.png")
+    assert not _ours_or_unexplained(page.errors()), page.errors()
