@@ -1,6 +1,6 @@
 """Reward-guidance guider cost, measured side by side in one run (needs a ComfyUI checkout).
 
-    $COMFYUI_PATH/.venv/bin/python bench/rg_guider.py [--device cuda] [--size 64] [--steps 6]
+    $COMFYUI_PATH/.venv/bin/python bench/rg_guider.py [--device cuda] [--size 64] [--steps 4] [--repeats 5]
 
 Prints one number per line:
   rg_over_cfg    our guider's step time / a stock CFGGuider step (same model, conds, latent).
@@ -11,16 +11,18 @@ Prints one number per line:
                  which `hooks_mem_mb` shows the hook graph's weight backups and caches. Ours must
                  stay within 2x `lora_mb`, the LoRA's own size.
   floor_over_cfg three prompts in one batch without any LoRA (DualCFGGuider) / CFG: the
-                 least any reward-guidance guider can cost, for reading rg_over_cfg.
+                 least any reward-guidance guider can cost, for reading rg_over_cfg;
+                 rg_over_floor is ours / that floor.
 The model is feasibility.md's "mid" SDXL layout (~127 M parameters, real conditioning widths) with
-a rank-32 attention LoRA, so compute dominates rather than Python overhead. Each timing is the
-minimum over interleaved repeats (steps: the fastest step of any run).
+a rank-32 attention LoRA, so compute dominates rather than Python overhead. The guiders run in
+rounds, back to back; each ratio is the median over rounds of the ratio within a round.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
 import tempfile
 import time
@@ -82,8 +84,7 @@ class Runner:
             torch.cuda.synchronize()
 
     def run(self, guider: Any, probe: Callable[[], None] | None = None) -> tuple[float, float]:
-        """(fastest step after the first one, whole run time). The minimum is the estimate least
-        disturbed by other processes on a shared machine."""
+        """(median step time after the first step, whole run time)."""
         stamps: list[float] = []
 
         def callback(step: int, *args: Any) -> None:
@@ -97,7 +98,7 @@ class Runner:
         guider.sample(self.noise, self.latent, self.sampler, self.sigmas, callback=callback, disable_pbar=True, seed=0)
         self.sync()
         total = time.perf_counter() - start
-        return min(b - a for a, b in zip(stamps, stamps[1:])), total
+        return statistics.median(b - a for a, b in zip(stamps, stamps[1:])), total
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layout", choices=list(harness.LAYOUTS), default="mid")
     parser.add_argument("--size", type=int, default=64, help="latent side (64 = a 512 px image)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds (each guider once per round)")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--fp16", action="store_true", help="store and compute the UNet in fp16 (GPU)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
@@ -177,27 +178,36 @@ def main(argv: list[str] | None = None) -> None:
     def probe_hooks() -> None:
         mem["hooks"] = tensor_mb(model.hook_backup) + tensor_mb(list(model.cached_hook_patches.values()))
 
-    best = {name: [1e9, 1e9] for name, _ in guiders}
     for name, make in guiders:  # warm-up, once each
         runner.run(make())
-    for _ in range(args.repeats):
+    rounds: list[dict[str, tuple[float, float]]] = []
+    for _ in range(args.repeats):  # one round = each guider once, back to back
+        found = {}
         for name, make in guiders:
             g = make()
             probe = probe_ours(g) if name == "ours" else probe_hooks if name == "hooks" else None
-            step, total = runner.run(g, probe)
-            best[name] = [min(best[name][0], step), min(best[name][1], total)]
+            found[name] = runner.run(g, probe)
+        rounds.append(found)
     mm.unload_all_models()
 
-    print(f"rg_over_cfg {best['ours'][0] / best['cfg'][0]:.3f}")
-    print(f"hooks_over_rg {best['hooks'][1] / best['ours'][1]:.3f}")
+    def ratio(a: str, b: str, i: int) -> float:
+        """Median over rounds of the ratio within each round: load from other processes on a
+        shared machine drifts slowly, so a ratio of neighbouring runs cancels most of it."""
+        return statistics.median(r[a][i] / r[b][i] for r in rounds)
+
+    def ms(name: str) -> float:
+        return statistics.median(r[name][0] for r in rounds) * 1e3
+
+    print(f"rg_over_cfg {ratio('ours', 'cfg', 0):.3f}")
+    print(f"hooks_over_rg {ratio('hooks', 'ours', 1):.3f}")
     print(f"extra_mem_mb {mem.get('ours', 0.0):.1f}")
     print(f"hooks_mem_mb {mem.get('hooks', 0.0):.1f}")
     print(f"lora_mb {lora_mb:.1f}")
-    print(f"floor_over_cfg {best['floor'][0] / best['cfg'][0]:.3f}")
+    print(f"floor_over_cfg {ratio('floor', 'cfg', 0):.3f}")
+    print(f"rg_over_floor {ratio('ours', 'floor', 0):.3f}")
     print(f"# device {device}, layout {args.layout}, latent {args.batch}x4x{args.size}x{args.size}, rank {args.rank}, "
-          f"{args.steps} euler steps, min of {args.repeats} runs, {torch.get_num_threads()} threads; step ms: cfg {best['cfg'][0] * 1e3:.0f}, "
-          f"ours {best['ours'][0] * 1e3:.0f}, dualcfg+hooks {best['hooks'][0] * 1e3:.0f}; run s: "
-          f"ours {best['ours'][1]:.2f}, dualcfg+hooks {best['hooks'][1]:.2f}")
+          f"{args.steps} euler steps, {args.repeats} rounds, {torch.get_num_threads()} threads; median step ms: "
+          f"cfg {ms('cfg'):.0f}, ours {ms('ours'):.0f}, dualcfg+hooks {ms('hooks'):.0f}, floor {ms('floor'):.0f}")
 
 
 if __name__ == "__main__":
