@@ -100,3 +100,16 @@ def test_trainer_token_cases_hold_for_the_python_parser(case):
             parse_tokens(case["spec"])
     else:
         assert parse_tokens(case["spec"]) == case["map"]
+
+
+def test_registry_metadata_names_the_pack_without_a_second_web_folder():
+    import tomllib
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    comfy = data["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["requires-comfyui"].startswith(">=")
+    assert "web" not in comfy, "[tool.comfy] web would serve web/ a second time and load every script twice"
+    assert data["project"]["urls"]["Repository"] and data["project"]["license"] == {"file": "LICENSE"}
+    assert (ROOT / "LICENSE").read_text(encoding="utf-8").strip()
+    init = (ROOT / "__init__.py").read_text(encoding="utf-8")
+    assert 'WEB_DIRECTORY = "./web"' in init

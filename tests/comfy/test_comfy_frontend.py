@@ -133,6 +133,17 @@ def test_workflow_templates_lists_the_four_workflows_with_thumbnails(server):
         assert status == 200 and body[:3] == b"\xff\xd8\xff", path.stem
 
 
+def test_registry_metadata_reads_with_comfyuis_own_parser():
+    from comfy_config import config_parser
+
+    config = config_parser.extract_node_configuration(str(harness.REPO_ROOT))
+    assert config.project.name == "dco-sdxl" and config.project.version
+    assert config.tool_comfy.publisher_id == "comfyui-dco" and config.tool_comfy.display_name
+    assert config.tool_comfy.web is None, "the web folder is served through WEB_DIRECTORY only"
+    assert config.project.supported_comfyui_version == ">=0.3.64"
+    assert config.project.urls.repository and (harness.REPO_ROOT / config.project.license.file).is_file()
+
+
 @pytest.mark.parametrize("node_id", OURS)
 def test_static_schema_parse_matches_object_info(server, node_id):
     live = schema_from_object_info(node_id, server.get(f"/object_info/{node_id}")[node_id])
