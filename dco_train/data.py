@@ -25,7 +25,7 @@ import torch
 
 from .config import TrainConfig
 from .errors import DCOError
-from .text import replace_tokens
+from .text import contains_token, replace_tokens
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def load_dataset_spec(cfg: TrainConfig) -> DatasetSpec:
         if not tokens:
             raise DCOError("Textual inversion is on but no tokens are set; give tokens such as <dog>=dog.")
         for img, prompt in zip(images, prompts):
-            if not any(t in prompt for t in tokens):
+            if not contains_token(prompt, list(tokens)):
                 raise DCOError(
                     f"The caption of {img.name} ({prompt!r}) does not contain {' or '.join(tokens)}; every "
                     "caption must name the subject with its token."

@@ -10,6 +10,7 @@ config so diffusers' own pipelines agree.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -82,9 +83,23 @@ def encode_prompts(
     return PromptEmbeds(embeds, pooled)
 
 
+def token_pattern(tokens: Sequence[str]) -> "re.Pattern[str]":
+    """Matches any of `tokens`, longest first; a token that begins or ends with a letter or digit
+    (`sks`) only matches as a whole word, so `asks` is left alone. The ComfyUI token loader and the
+    page's prompt helper use the same rule."""
+    parts = []
+    for token in sorted(tokens, key=len, reverse=True):
+        left = r"(?<!\w)" if re.match(r"\w", token[0]) else ""
+        right = r"(?!\w)" if re.match(r"\w", token[-1]) else ""
+        parts.append(left + re.escape(token) + right)
+    return re.compile("|".join(parts))
+
+
+def contains_token(prompt: str, tokens: Sequence[str]) -> bool:
+    return bool(tokens) and token_pattern(tokens).search(prompt) is not None
+
+
 def replace_tokens(prompt: str, word_map: dict[str, str]) -> str:
-    """The base prompt: each new token replaced by its word (longest token first), spaces tidied."""
-    out = prompt
-    for token in sorted(word_map, key=len, reverse=True):
-        out = out.replace(token, word_map[token])
+    """The base prompt: each new token replaced by its word, spaces tidied."""
+    out = token_pattern(list(word_map)).sub(lambda m: word_map[m.group(0)], prompt) if word_map else prompt
     return " ".join(out.split())

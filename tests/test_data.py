@@ -111,3 +111,14 @@ def test_latents_are_encoded_once_and_cached_with_their_spread(tiny, subject_dir
     with torch.no_grad():
         direct = tiny.vae.encode(prepare_image(open_rgb(item.image_path), (64, 64))[0][None]).latent_dist.mean[0]
     assert torch.allclose(item.mean, direct * tiny.vae.config.scaling_factor, atol=1e-6)
+
+
+def test_word_like_tokens_only_match_whole_words(tmp_path):
+    from dco_train.text import contains_token, replace_tokens
+
+    assert replace_tokens("asks a sks dog, sks!", {"sks": "dog"}) == "asks a dog dog, dog!"
+    assert replace_tokens("a <dog2> and a <dog>", {"<dog>": "dog", "<dog2>": "puppy"}) == "a puppy and a dog"
+    assert not contains_token("he asks for it", ["sks"]) and contains_token("a sks dog", ["sks"])
+    write_images(tmp_path / "d", ["a photo that asks nothing"])
+    with pytest.raises(DCOError, match="does not contain sks"):
+        load_dataset_spec(quick_config(data_dir=str(tmp_path / "d"), tokens={"sks": "dog"}))

@@ -85,10 +85,20 @@ export function loaderWordMap(file, typedTokens, fileName = "the embeddings file
 }
 
 /** dco_train/text.py replace_tokens: longest token first, whitespace tidied. */
+const WORD_CHAR = /[\p{L}\p{N}_]/u;
+const escapeRegExp = (s) => s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+
+/** dco_train/text.py token_pattern: longest token first; a token that begins or ends with a letter
+ * or digit (`sks`) only matches as a whole word, so `asks` is left alone. */
+export function tokenPattern(tokens) {
+  const parts = [...tokens].sort((a, b) => b.length - a.length).map((t) =>
+    (WORD_CHAR.test(t[0]) ? "(?<![\\p{L}\\p{N}_])" : "") + escapeRegExp(t) +
+    (WORD_CHAR.test(t.at(-1)) ? "(?![\\p{L}\\p{N}_])" : ""));
+  return new RegExp(parts.join("|"), "gu");
+}
+
 export function replaceTokens(prompt, wordMap) {
-  let out = prompt;
-  const tokens = [...wordMap.keys()].sort((a, b) => b.length - a.length);
-  for (const t of tokens) out = out.split(t).join(wordMap.get(t));
+  const out = wordMap.size ? prompt.replace(tokenPattern(wordMap.keys()), (m) => wordMap.get(m)) : prompt;
   return out.split(/\s+/).filter(Boolean).join(" ");
 }
 
