@@ -12,8 +12,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import sgm
 from .errors import DCOError
 from .text import fix_eos_pooling

@@ -16,11 +16,9 @@ with one all-reduce, so no DDP wrapper is needed around a model that is run twic
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

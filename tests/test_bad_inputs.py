@@ -1,13 +1,11 @@
 """Bad input: a clear error that names the file or field, and no partial output left behind."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import quick_config, write_images
-from dco_train.config import TrainConfig
 from dco_train.errors import DCOError
 from dco_train.formats import load_embeddings, load_lora, save_embeddings, TokenEmbeddings
 from dco_train.train import RunOptions, train

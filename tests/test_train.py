@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from helpers import quick_config
 from dco_train.config import TrainConfig

@@ -348,6 +348,18 @@ def why_unavailable() -> str | None:
     return reason
 
 
+def server_base(base: Path, pack_name: str = "ComfyUI-DCO") -> Path:
+    """A ComfyUI base directory for a test server: `custom_nodes/` links to this repository and to
+    the test-only fixture pack, and empty `models/loras` and `models/embeddings` folders."""
+    nodes_dir = base / "custom_nodes"
+    nodes_dir.mkdir(parents=True, exist_ok=True)
+    os.symlink(REPO_ROOT, nodes_dir / pack_name)
+    os.symlink(Path(__file__).resolve().parent / "fixture_pack", nodes_dir / "dco_test_fixture")
+    for kind in ("loras", "embeddings"):
+        (base / "models" / kind).mkdir(parents=True, exist_ok=True)
+    return base
+
+
 class model_folder:
     """Register `path` as an extra ComfyUI model folder (`loras`, `embeddings`, ...) for a block."""
 

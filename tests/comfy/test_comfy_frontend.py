@@ -21,10 +21,8 @@ Screenshots go to test-artifacts/browser-<ComfyUI version>/. Look at them.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
-import urllib.error
 from pathlib import Path
 
 import pytest
@@ -57,12 +55,7 @@ FRONTEND_1_27_ERROR = "Cannot read properties of undefined (reading 'id')"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy-frontend")
-    nodes_dir = base / "custom_nodes"
-    nodes_dir.mkdir()
-    os.symlink(harness.REPO_ROOT, nodes_dir / PACK)
-    os.symlink(Path(__file__).resolve().parent / "fixture_pack", nodes_dir / "dco_test_fixture")
-    (base / "models" / "loras").mkdir(parents=True)
+    base = harness.server_base(tmp_path_factory.mktemp("comfy-frontend"), PACK)
     workflows.write_settings(base)
     workflows.write_demo_models(base)  # dco_dog.safetensors: <dog> from "dog"
     emb = base / "models" / "embeddings"
@@ -75,11 +68,7 @@ def server(tmp_path_factory):
     save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, str(emb / "reference.safetensors"))
     write_dataset(base / "input" / "dco" / "star", CAPTIONS)
     OUT.mkdir(parents=True, exist_ok=True)
-    with pytest.MonkeyPatch.context() as mp:
-        # One torch thread in the server: on a 2-core machine shared with other work (and Chromium),
-        # two OpenMP threads oversubscribe the cores and a tiny training step slows down ~50x.
-        mp.setenv("OMP_NUM_THREADS", "1")
-        srv = Server(base)
+    srv = Server(base)  # one torch thread in the server (see Server)
     try:
         yield srv
     finally:

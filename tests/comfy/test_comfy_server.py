@@ -46,7 +46,10 @@ class Server:
                "--port", str(self.port), "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
                "--disable-auto-launch", "--disable-api-nodes"]
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=comfy, stdout=self.log, stderr=subprocess.STDOUT)
+        # one torch thread: on a 2-core machine shared with the test process (and a browser), two
+        # OpenMP threads per process oversubscribe the cores and slow a tiny training step ~50x
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("DCO_SERVER_THREADS", "1")}
+        self.proc = subprocess.Popen(cmd, cwd=comfy, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + START_TIMEOUT
         while True:
             if self.proc.poll() is not None:
@@ -97,13 +100,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy-base")
-    nodes_dir = base / "custom_nodes"
-    nodes_dir.mkdir()
-    os.symlink(harness.REPO_ROOT, nodes_dir / "ComfyUI-DCO")
-    os.symlink(Path(__file__).resolve().parent / "fixture_pack", nodes_dir / "dco_test_fixture")
-    (base / "models" / "loras").mkdir(parents=True)
-    (base / "models" / "embeddings").mkdir(parents=True)
+    base = harness.server_base(tmp_path_factory.mktemp("comfy-base"))
     harness.save_engine_lora(base / "models" / "loras" / "subject.safetensors", harness.build_model(seed=0), rank=4,
                              alpha=4.0, seed=1, text_encoders=True)
     gen = torch.Generator().manual_seed(0)

@@ -7,9 +7,6 @@ new file with the stock LoraLoader, which must map every key.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 import harness
@@ -22,13 +19,7 @@ from test_comfy_trainer import CAPTIONS, write_dataset  # noqa: E402
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy-train")
-    nodes_dir = base / "custom_nodes"
-    nodes_dir.mkdir()
-    os.symlink(harness.REPO_ROOT, nodes_dir / "ComfyUI-DCO")
-    os.symlink(Path(__file__).resolve().parent / "fixture_pack", nodes_dir / "dco_test_fixture")
-    (base / "models" / "loras").mkdir(parents=True)
-    (base / "models" / "embeddings").mkdir(parents=True)
+    base = harness.server_base(tmp_path_factory.mktemp("comfy-train"))
     write_dataset(base / "input" / "dco" / "star", CAPTIONS)
     srv = Server(base)
     try:
