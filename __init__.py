@@ -13,6 +13,9 @@ try:
 except ImportError:
     pass
 else:
-    from .nodes import comfy_entrypoint  # noqa: F401
+    # ComfyUI imports this folder as a package. pytest may import this file on its own when the
+    # checkout's folder name is not a valid module name (ComfyUI-DCO); then there are no nodes.
+    if __package__:
+        from .nodes import comfy_entrypoint  # noqa: F401
 
-    __all__.append("comfy_entrypoint")
+        __all__.append("comfy_entrypoint")
