@@ -10,6 +10,7 @@ cancel checks). The runs alternate, so a noisy machine slows both alike. Prints 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -54,7 +55,7 @@ def main() -> None:
     spec = data_mod.load_dataset_spec(cfg)
 
     convert_s, encode_s, engine_step, node_step = [], [], [], []
-    for r in range(args.rounds):
+    def run_engine(r: int) -> None:
         with torch.inference_mode(False), torch.enable_grad():
             t0 = time.perf_counter()
             comps = convert.components_from_graph(model, clip, torch.device("cpu"))
@@ -66,16 +67,20 @@ def main() -> None:
         convert_s.append(t1 - t0)
         encode_s.append(t2 - t1)
         engine_step.append(res.history[-1]["elapsed_s"] / args.steps)
+
+    def run_node(r: int) -> None:
         with harness.model_folder("loras", tmp / f"loras{r}"), harness.model_folder("embeddings", tmp / f"emb{r}"):
             (tmp / f"loras{r}").mkdir()
             (tmp / f"emb{r}").mkdir()
             with torch.inference_mode():
                 harness.call_node(trainer.DCOTrainer, model=model, clip=clip, vae=vae,
                                   **{**inputs, "output_name": f"bench{r}", "validation_every": 0})
-        import json
-
         rows = [json.loads(line) for line in (tmp / "output" / "dco" / f"bench{r}" / "metrics.jsonl").read_text().splitlines()]
         node_step.append([row for row in rows if "loss" in row][-1]["elapsed_s"] / args.steps)
+
+    for r in range(args.rounds):  # alternate which goes first, so warm-up and memory state favour neither
+        for run in ((run_engine, run_node) if r % 2 == 0 else (run_node, run_engine)):
+            run(r)
     comfy.utils.set_progress_bar_global_hook(None)
     best = min
     print(f"tiny SDXL, {len(CAPTIONS) * 2} images at {args.resolution}px, {args.steps} steps x {args.rounds} rounds",

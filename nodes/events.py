@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -13,11 +14,10 @@ FILES_CHANGED = "dco.files_changed"  # new LoRA / embeddings files: refresh the 
 
 def send(event: str, data: dict[str, Any]) -> None:
     """Send to the client that queued the prompt (a no-op without a running server)."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    server = getattr(PromptServer, "instance", None)
+    # ComfyUI's main.py has imported `server` before any node runs. Importing it here instead would,
+    # without a server (the engine's tests, a bench), re-run a failing import on every training step.
+    prompt_server = getattr(sys.modules.get("server"), "PromptServer", None)
+    server = getattr(prompt_server, "instance", None)
     if server is None:
         return
     try:
