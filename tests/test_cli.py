@@ -129,6 +129,22 @@ def test_two_processes(tiny_model_dir, subject_dir, tmp_path):
     assert len([l for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]) == 3
 
 
+def test_accelerate_cpu_launch(tiny_model_dir, subject_dir, tmp_path):
+    """The issue's literal command, `accelerate launch --cpu --num_processes 2 -m dco_train train`.
+    accelerate 1.x starts one process for `--cpu` unless MPI is configured (test_two_processes covers
+    two); the run must still complete on the CPU and write the usual files."""
+    out = tmp_path / "cpu"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dco_train", "train",
+           f"--pretrained_model_name_or_path={tiny_model_dir}", f"--data_dir={subject_dir}", "--tokens", "<obj>=toy",
+           "--preset", "subject", f"--output_dir={out}", "--rank=4", *SHRINK]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    s = summary(proc)
+    assert proc.stdout.count('"lora"') == 1
+    assert sorted(load_embeddings(s["embeddings"]).tokens) == ["<obj>"]
+    assert all(k.startswith("lora_unet_") for k in load_lora(s["lora"]).modules["unet"])
+
+
 def test_sample_command(tiny_model_dir, subject_dir, tmp_path):
     s = summary(cli("train", f"--pretrained_model_name_or_path={tiny_model_dir}", f"--data_dir={subject_dir}",
                     "--tokens", "<obj>=toy", "--preset", "subject", f"--output_dir={tmp_path / 't'}", *SHRINK))
