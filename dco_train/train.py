@@ -69,6 +69,8 @@ class Callbacks:
     should_stop: Callable[[], bool] | None = None
     on_preview: Callable[[int, list[Any]], None] | None = None
     on_status: Callable[[str], None] | None = None
+    # readings taken outside an optimizer step: the drift meter's step-0 baseline {"step": 0, "drift", "fit", ...}
+    on_metrics: Callable[[dict[str, Any]], None] | None = None
 
 
 @dataclass
@@ -466,8 +468,10 @@ class _Trainer:
         if self.acc.log_with:
             self.acc.init_trackers("dco", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
         if self.drift is not None and self.step == 0:
-            first = self.drift.measure(self.comps.text_encoders if cfg.train_text_encoder_lora else ())
-            self._log({"step": 0, **first})
+            first = {"step": 0, **self.drift.measure(self.comps.text_encoders if cfg.train_text_encoder_lora else ())}
+            self._log(first)
+            if self.cb.on_metrics:
+                self.cb.on_metrics(first)
         progress = None
         if run.progress_bar and self.is_main:
             from tqdm.auto import tqdm

@@ -155,6 +155,11 @@ class _Progress:
         self.last = now
         self._bar(info.step)
 
+    def on_metrics(self, values: dict[str, Any]) -> None:
+        """The drift meter's step-0 baseline: a chart point without a loss."""
+        self.event("running", **values)
+        self.last = time.perf_counter()
+
     def on_preview(self, step: int, images: list[Any]) -> None:
         if images:
             self._bar(step, ("JPEG", images[0], 512))
@@ -199,7 +204,7 @@ def train_in_graph(model: Any, clip: Any, vae: Any, cfg: TrainConfig, plan: dict
                 resume="latest" if resume == "latest" else None, log_with=None, progress_bar=False,
                 cpu=device.type == "cpu", decode_latents=vae_decoder(vae, latent_format),
                 callbacks=Callbacks(on_step=progress.on_step, should_stop=progress.should_stop,
-                                    on_preview=progress.on_preview),
+                                    on_preview=progress.on_preview, on_metrics=progress.on_metrics),
                 metadata={"dco.trained_with": "ComfyUI-DCO DCOTrainer"},
             )
             result = train(cfg, comps, run, data)

@@ -45,8 +45,13 @@ def test_gradient_accumulation_and_style_with_offset_noise(tiny, style_dir, tmp_
 
 
 def test_drift_is_zero_at_step_zero_and_positive_after_training(tiny, subject_dir, tmp_path):
-    res = _run(tiny, tmp_path, data_dir=str(subject_dir), drift_every=3, max_train_steps=6, learning_rate=1e-2)
+    baseline, stepped = [], []
+    cb = Callbacks(on_metrics=baseline.append, on_step=lambda info: stepped.append(info.drift))
+    res = _run(tiny, tmp_path, data_dir=str(subject_dir), drift_every=3, max_train_steps=6, learning_rate=1e-2,
+               run=dict(callbacks=cb))
     drift = [h for h in res.history if "drift" in h]
+    assert baseline == drift[:1]  # the step-0 reading reaches the callbacks too (the ComfyUI chart)
+    assert [d is not None for d in stepped] == [False, False, True, False, False, True]
     assert [h["step"] for h in drift] == [0, 3, 6]
     assert drift[0]["drift"] == 0.0
     assert drift[-1]["drift"] > 0 and all(h["fit"] > 0 for h in drift)

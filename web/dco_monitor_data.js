@@ -4,7 +4,8 @@
 // Event payloads (nodes/trainer.py `_Progress.event`):
 //   {node, run, status: "start"|"running"|"done"|"interrupted"|"error", total, ...}
 //   running: step, loss, err_model, err_ref (null when beta <= 0), reward_gap, lr, elapsed_s, eta_s,
-//            it_s, and drift / fit only on the steps where the drift meter ran
+//            it_s, and drift / fit only on the steps where the drift meter ran; a baseline reading
+//            before training has step 0, drift and fit, and no loss
 //   done / interrupted: step; error: message
 // Each execution of a trainer sends a new 12-hex `run` id; a node always shows its newest run.
 
@@ -112,13 +113,17 @@ export class TrainRun {
       // a step the buffer already holds means the run went back (a replay): forget from there on
       this.loss.popWhile((p) => p.step >= step);
       this.monitor.popWhile((p) => p.step >= step);
-      this.loss.push({
-        step,
-        loss: num(ev.loss),
-        err_model: num(ev.err_model),
-        err_ref: num(ev.err_ref),
-        reward_gap: num(ev.reward_gap),
-      });
+      // a reading without a loss (the drift meter's step-0 baseline) only feeds the drift chart;
+      // a loss that is there but not a number (NaN) still makes a point, drawn as a gap
+      if (ev.loss !== undefined && ev.loss !== null) {
+        this.loss.push({
+          step,
+          loss: num(ev.loss),
+          err_model: num(ev.err_model),
+          err_ref: num(ev.err_ref),
+          reward_gap: num(ev.reward_gap),
+        });
+      }
       const drift = num(ev.drift);
       const fit = num(ev.fit);
       if (drift !== null || fit !== null) this.monitor.push({ step, drift, fit });

@@ -380,6 +380,7 @@ def test_monitor_received_events_and_drew_points_mid_run(training):
     mid = training["mid"]
     assert mid["status"] == "running" and 5 <= mid["points"] < 40 and mid["total"] == 40
     assert mid["drawn"]["loss"] >= 2 * (mid["points"] - 1), "loss and err_model (at least) are drawn for every step"
+    assert mid["monitorPoints"] == 1, "the drift meter's step-0 baseline is on the chart before the first step"
     assert re.match(r"^step \d+/40 · [\d.e+-]+ it/s · ETA \d+:\d\d$", mid["header"]), mid["header"]
 
 
@@ -389,7 +390,7 @@ def test_each_trainer_shows_its_own_finished_run(training):
     assert (a["status"], a["step"], a["total"], a["points"]) == ("done", 40, 40, 40)
     assert (b["status"], b["step"], b["total"], b["points"]) == ("done", 4, 4, 4)
     assert a["drawn"]["loss"] == 3 * 40, "loss, err_model and err_ref for each of the 40 steps"
-    assert a["monitorPoints"] >= 1 and a["drawn"]["monitor"] >= 1, "the drift meter's reading at the last step"
+    assert a["monitorPoints"] == 2 and a["drawn"]["monitor"] >= 2, "the drift meter's baseline (step 0) and last step"
     assert a["preview"] is True, "validation previews (every 20 steps) reach the monitor"
     assert b["preview"] is False
     assert a["finalImage"] and "/view?" in a["finalImage"], "onExecuted delivers the final curve image"

@@ -79,6 +79,19 @@ test("a run collects steps, skips missing values per series and keeps drift / fi
   assert.equal(run.etaS, 0);
 });
 
+test("the drift meter's step-0 baseline feeds only the drift chart", () => {
+  const store = new MonitorStore();
+  store.apply({ node: "7", run: "b1", status: "start", total: 10 });
+  store.apply({ node: "7", run: "b1", status: "running", total: 10, step: 0, drift: 0, fit: 0.4, drift_s: 0.1 });
+  const run = store.get("7");
+  assert.equal(run.loss.length, 0, "no loss point for a reading without a loss");
+  assert.deepEqual(run.series("drift"), [[0], [0]]);
+  store.apply(running("7", "b1", 1));
+  store.apply(running("7", "b1", 2, { drift: 0.02, fit: 0.3 }));
+  assert.deepEqual(run.series("loss")[0], [1, 2]);
+  assert.deepEqual(run.series("drift"), [[0, 2], [0, 0.02]], "later steps keep the baseline");
+});
+
 test("several trainer nodes each keep their own run", () => {
   const store = new MonitorStore();
   store.apply({ node: "2", run: "aaa", status: "start", total: 5 });
