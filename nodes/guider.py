@@ -175,6 +175,13 @@ def _common_inputs() -> list:
     ]
 
 
+def _guidance_inputs() -> list:
+    return [
+        io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=_CFG_TIP),
+        io.Float.Input("rg", default=3.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=_RG_TIP),
+    ]
+
+
 def make_guider(model: Any, model_ft: Any, positive_token: list, positive_base: list, negative: list,
                 cfg: float, rg: float) -> RewardGuidanceGuider:
     guider = RewardGuidanceGuider(model, model_ft)
@@ -193,10 +200,7 @@ class DCORewardGuidanceGuider(io.ComfyNode):
             description=("Reward guidance (DCO): CFG of the base model on the base prompt plus rg times the difference "
                          "between the fine-tuned model on the token prompt and the base model on the base prompt. "
                          "Plug the GUIDER into SamplerCustomAdvanced; every sampler and scheduler works."),
-            inputs=_common_inputs() + [
-                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=_CFG_TIP),
-                io.Float.Input("rg", default=3.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=_RG_TIP),
-            ],
+            inputs=_common_inputs() + _guidance_inputs(),
             outputs=[io.Guider.Output("guider", display_name="GUIDER", tooltip="A guider for SamplerCustomAdvanced.")],
         )
 
@@ -219,8 +223,7 @@ class DCORewardGuidanceSampler(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="The random seed of the starting noise."),
                 io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Number of sampling steps."),
-                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=_CFG_TIP),
-                io.Float.Input("rg", default=3.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=_RG_TIP),
+                *_guidance_inputs(),
                 io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler",
                                tooltip="The sampling algorithm."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
