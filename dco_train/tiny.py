@@ -1,8 +1,8 @@
 """A tiny SDXL-shaped model with random weights, built in code (no download).
 
-It has SDXL's structure at toy sizes: two CLIP text encoders (hidden 64 + 64 = cross-attention
-width 128, three layers each since SDXL reads the penultimate one), a `text_time` UNet whose added
-conditioning is CLIP-G's projection plus 6 time ids x 256, a 4-level KL VAE (x8), SDXL's noise
+It has SDXL's structure at toy sizes: two CLIP text encoders (hidden 32 + 96 = cross-attention
+width 128, three layers each since SDXL reads the penultimate one; CLIP-G projects 96 -> 64), a
+`text_time` UNet whose added conditioning is CLIP-G's projection plus 6 time ids x 256, a 4-level KL VAE (x8), SDXL's noise
 schedule, and CLIP BPE tokenizers whose vocab and merges files are written here. The demo trains
 on it and the tests use it; the layout also matches the tiny ComfyUI SDXL the node tests build.
 """
@@ -19,8 +19,11 @@ import torch
 from .models import SDXL_SCHEDULER, SDXLComponents
 from .text import fix_eos_pooling
 
-HIDDEN_L = 64  # one attention head of width 64, the head width of the real CLIPs and UNet
-HIDDEN_G = 64
+# Distinct widths and a non-square CLIP-G projection, so that a swapped L/G row, a transposed
+# projection or a pooled output taken before the projection fails a shape check instead of passing.
+HIDDEN_L = 32
+HIDDEN_G = 96
+PROJECTION_G = 64
 TIME_EMBED_DIM = 256  # SDXL (and ComfyUI) embed each time id with 256 sinusoidal features
 WORDS = (
     "a an the of in on at with and photo picture painting drawing sketch style flat cartoon "
@@ -46,7 +49,7 @@ UNET_CONFIG: dict[str, Any] = dict(
     use_linear_projection=True,
     addition_embed_type="text_time",
     addition_time_embed_dim=TIME_EMBED_DIM,
-    projection_class_embeddings_input_dim=HIDDEN_G + 6 * TIME_EMBED_DIM,
+    projection_class_embeddings_input_dim=PROJECTION_G + 6 * TIME_EMBED_DIM,
     norm_num_groups=32,
 )
 
@@ -135,7 +138,7 @@ def text_encoder_config(vocab_size: int, eos_token_id: int, hidden: int, act: st
         hidden_size=hidden,
         intermediate_size=hidden * 4,
         num_hidden_layers=3,
-        num_attention_heads=hidden // 64,
+        num_attention_heads=max(1, hidden // 64),  # as sgm.clip_from_hf derives it from a file
         max_position_embeddings=77,
         hidden_act=act,
         projection_dim=projection or hidden,
@@ -164,7 +167,7 @@ def build_tiny_sdxl(seed: int = 0, tokenizer_dir: str | os.PathLike | None = Non
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(text_encoder_config(vocab, eos, HIDDEN_L, "quick_gelu"))
         torch.manual_seed(seed + 1)
-        text_encoder_2 = CLIPTextModelWithProjection(text_encoder_config(vocab, eos, HIDDEN_G, "gelu", HIDDEN_G))
+        text_encoder_2 = CLIPTextModelWithProjection(text_encoder_config(vocab, eos, HIDDEN_G, "gelu", PROJECTION_G))
         torch.manual_seed(seed + 2)
         unet = UNet2DConditionModel(**UNET_CONFIG)
         torch.manual_seed(seed + 3)

@@ -8,7 +8,7 @@ from helpers import quick_config
 from dco_train.errors import DCOError
 from dco_train.formats import atomic_write, load_embeddings, load_lora, safe_output_path
 from dco_train.text import encode_prompts
-from dco_train.tiny import build_tiny_sdxl
+from dco_train.tiny import HIDDEN_G, HIDDEN_L, build_tiny_sdxl
 from dco_train.train import RunOptions, train
 
 
@@ -55,7 +55,7 @@ def test_diffusers_load_lora_weights_reproduces_the_trained_unet(trained, tokeni
 def test_embeddings_load_in_diffusers_and_encode_as_in_training(trained, tokenizer_dir):
     emb = load_embeddings(trained.embeddings)
     assert emb.tokens == ["<obj>"] and emb.initializers == ["toy"]
-    assert emb.clip_l.shape == (1, 64) and emb.clip_g.shape == (1, 64)
+    assert emb.clip_l.shape == (1, HIDDEN_L) and emb.clip_g.shape == (1, HIDDEN_G)
     prompt = ["a photo of a <obj> on the beach"]
     comps = trained.components
     with torch.no_grad():

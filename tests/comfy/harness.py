@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+# Distinct CLIP widths, so that a swapped L/G row fails a shape check. ComfyUI's CLIP-G projection
+# is always square (comfy.clip_model.CLIPTextModel), so the projection cannot be non-square here.
 HIDDEN_L = 32
-HIDDEN_G = 32
+HIDDEN_G = 48
 TIME_EMBED = 256  # SDXL embeds each of its six size/crop ids with 256 sinusoidal features
 
 # The SDXL block pattern at toy sizes; the same layout as dco_train/tiny.py's diffusers UNet.
@@ -158,7 +160,7 @@ def build_model(layout: str = "tiny", seed: int = 0, prediction: str = "eps", dt
 
 
 def build_clip(seed: int = 0, embedding_directory: str | list[str] | None = None) -> Any:
-    """An SDXL `comfy.sd.CLIP` (both encoders, three layers each, 32 wide) with the real BPE tokenizer."""
+    """An SDXL `comfy.sd.CLIP` (both encoders, three layers each, 32 and 48 wide) with the real BPE tokenizer."""
     import torch
 
     import comfy.sd
