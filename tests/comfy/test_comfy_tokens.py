@@ -61,8 +61,8 @@ def test_rows_reach_each_encoder_separately(clip, tmp_path):
     """Changing only the clip_l rows changes only the CLIP-L half of the conditioning, and the
     clip_g rows only the CLIP-G half and the pooled output: both encoders read their own rows."""
     l0, g0 = _rows(3, 1), _rows(4, 1, harness.HIDDEN_G)
-    bump = _rows(9, 1)  # random, not constant: LayerNorm would cancel a constant shift
-    variants = {"base": (l0, g0), "l": (l0 + bump, g0), "g": (l0, g0 + bump)}
+    bump_l, bump_g = _rows(9, 1), _rows(10, 1, harness.HIDDEN_G)  # random, not constant: LayerNorm would cancel a constant shift
+    variants = {"base": (l0, g0), "l": (l0 + bump_l, g0), "g": (l0, g0 + bump_g)}
     conds = {}
     with harness.model_folder("embeddings", tmp_path):
         for name, (l, g) in variants.items():
