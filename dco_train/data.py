@@ -30,6 +30,17 @@ from .text import contains_token, replace_tokens
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# Image files a folder may hold that are not read, with the reason given in the warning.
+UNREAD_SUFFIXES = {
+    ".gif": "GIF is not read (it is often animated, and its palette loses colour); save the frame you want as PNG",
+    ".heic": "HEIC needs a Pillow plug-in that is not installed; save it as PNG or JPEG",
+    ".heif": "HEIF needs a Pillow plug-in that is not installed; save it as PNG or JPEG",
+    ".avif": "AVIF is not read; save it as PNG or JPEG",
+    ".jxl": "JPEG XL is not read; save it as PNG or JPEG",
+    ".svg": "SVG is a vector format; render it to PNG",
+    ".psd": "PSD is not read; export it as PNG",
+}
+MAX_UPSCALE = 2.0  # an image enlarged more than this to reach the training size is named in a warning
 
 
 @dataclass
@@ -63,7 +74,7 @@ def _read_config_json(path: Path, name: str | None) -> tuple[list[Path], list[st
     if not path.is_file():
         raise DCOError(f"The config file {path} does not exist.")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a BOM written by Windows editors is dropped
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DCOError(f"{path} is not valid JSON ({exc}).") from exc
     if not isinstance(data, dict) or not data:
@@ -93,9 +104,34 @@ def _read_config_json(path: Path, name: str | None) -> tuple[list[Path], list[st
     return [_resolve_image(str(p), path) for p in images], [str(p) for p in prompts], base, dict(zip(inserting, initial))
 
 
+def read_caption(path: Path) -> str:
+    """A caption file's text, whitespace tidied. UTF-8 only (a leading BOM, as Windows Notepad
+    writes, is dropped); any other encoding is refused by name rather than guessed, because a wrong
+    guess would train on garbled words without a sign."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DCOError(
+            f"The caption file {path} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); "
+            "save it as UTF-8 (most editors offer it under 'Save as... / Encoding')."
+        ) from exc
+    return " ".join(text.split())
+
+
+def _warn_unread_files(folder: Path, caption_ext: str) -> None:
+    """Name every file of the folder that is neither a training image nor a caption, with why."""
+    for p in sorted(folder.iterdir()):
+        suffix = p.suffix.lower()
+        if not p.is_file() or p.name.startswith(".") or suffix in IMAGE_SUFFIXES or suffix == caption_ext:
+            continue
+        reason = UNREAD_SUFFIXES.get(suffix, f"only {', '.join(IMAGE_SUFFIXES)} images are read")
+        log.warning("Skipping %s: %s.", p, reason)
+
+
 def _read_folder(folder: Path, caption_ext: str = ".txt") -> tuple[list[Path], list[str]]:
     if not folder.is_dir():
         raise DCOError(f"The dataset folder {folder} does not exist.")
+    _warn_unread_files(folder, caption_ext)
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise DCOError(
@@ -107,7 +143,7 @@ def _read_folder(folder: Path, caption_ext: str = ".txt") -> tuple[list[Path], l
         cap = img.with_suffix(caption_ext)
         if not cap.is_file():
             raise DCOError(f"{img.name} has no caption file {cap.name}; write its caption there.")
-        text = " ".join(cap.read_text(encoding="utf-8").split())
+        text = read_caption(cap)
         if not text:
             raise DCOError(f"The caption file {cap} is empty.")
         prompts.append(text)
@@ -146,21 +182,82 @@ def load_dataset_spec(cfg: TrainConfig) -> DatasetSpec:
 
 
 # ------------------------------------------------------------------------------- images
+def _sixteen_bit_to_8(image):
+    """A 16-bit (or 32-bit integer) greyscale image as 8-bit `L`, scaled by 255/65535.
+
+    Pillow's own `convert("L")`/`convert("RGB")` from `I;16` and `I` clips every value above 255
+    instead of scaling, so a 16-bit PNG would train as a white image. An `I` image whose values all
+    fit in 0..255 (an 8-bit image saved as 32-bit) is kept as it is."""
+    import numpy as np
+    from PIL import Image
+
+    arr = np.asarray(image).astype(np.float64)
+    if image.mode != "I" or arr.max(initial=0) > 255:
+        arr = arr * (255.0 / 65535.0)
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def _float_to_8(image):
+    """A float (`F`) greyscale image as 8-bit `L`. Float TIFFs hold 0..1 by convention, which
+    Pillow's `convert` would turn into black; values above 1 are read as 0..255 instead."""
+    import numpy as np
+    from PIL import Image
+
+    arr = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    if arr.max(initial=0) <= 1.0:
+        arr = arr * 255.0
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(image):
+    """Any Pillow mode as 8-bit RGB. Transparency (RGBA, LA, PA, P or L with a transparent colour)
+    is flattened onto white; 16-bit and float greyscale are scaled (see `_sixteen_bit_to_8`,
+    `_float_to_8`); everything else (L, 1, P, CMYK, YCbCr, LAB, HSV) uses Pillow's own conversion,
+    which is right for them."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode == "I":
+        image = _sixteen_bit_to_8(image)
+    elif image.mode == "F":
+        image = _float_to_8(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert("RGB")
+
+
 def open_rgb(path: Path):
-    """Open an image as RGB: EXIF rotation applied, alpha flattened onto white, greyscale expanded."""
+    """Open an image as RGB: EXIF rotation applied, then `to_rgb`. An image over Pillow's
+    decompression-bomb limit is refused by name (it would need gigabytes to decode)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
             image = ImageOps.exif_transpose(im)
+    except Image.DecompressionBombError as exc:
+        raise DCOError(
+            f"The image {path} is too large to open safely ({exc}). Resize it to a few megapixels "
+            "(training uses about resolution x resolution pixels) or remove it."
+        ) from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DCOError(f"Cannot read the image {path}: {exc}. Replace or remove it.") from exc
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
-    return image.convert("RGB")
+    return to_rgb(image)
+
+
+def warn_if_upscaled(path: Path, image_size: tuple[int, int], size: tuple[int, int]) -> float:
+    """Warn, naming the file, when the image must be enlarged more than `MAX_UPSCALE` times to cover
+    `size` (h, w): it will train blurred. Returns the scale factor."""
+    w, h = image_size
+    scale = max(size[0] / h, size[1] / w)
+    if scale > MAX_UPSCALE:
+        log.warning(
+            "%s is %dx%d pixels and is enlarged %.1fx to %dx%d for training; it will look blurred. "
+            "Use an image of at least %dx%d pixels or lower resolution.",
+            path, w, h, scale, size[1], size[0], size[1] // 2, size[0] // 2,
+        )
+    return scale
 
 
 def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
@@ -266,7 +363,9 @@ def encode_dataset(
     total = len(spec.samples)
     for n, sample in enumerate(spec.samples):
         image = open_rgb(sample.image)
-        pixels, time_ids = prepare_image(image, target_size(*image.size, cfg), center=True)
+        size = target_size(*image.size, cfg)
+        warn_if_upscaled(sample.image, image.size, size)
+        pixels, time_ids = prepare_image(image, size, center=True)
         mean, std = encoder(pixels)
         item = LatentItem(mean, std, time_ids, sample.prompt, sample.base_prompt, image_path=sample.image)
         if cfg.random_flip:
@@ -279,11 +378,16 @@ def encode_dataset(
     if not cfg.center_crop:
 
         def encode_random_crop(index: int, generator: torch.Generator) -> LatentItem:
+            """A fresh random crop, mirrored with probability 1/2 when `random_flip` is on. The flip
+            is drawn and applied here (one VAE encode); the item has no `flipped` twin, so the
+            loop's own flip draw leaves it as it is."""
             sample = spec.samples[index]
             image = open_rgb(sample.image)
             pixels, time_ids = prepare_image(image, target_size(*image.size, cfg), center=False, generator=generator)
+            if cfg.random_flip and bool(torch.rand((), generator=generator) < 0.5):
+                pixels = pixels.flip(-1)
             mean, std = encoder(pixels)
-            return LatentItem(mean, std, time_ids, sample.prompt, sample.base_prompt)
+            return LatentItem(mean, std, time_ids, sample.prompt, sample.base_prompt, image_path=sample.image)
 
         data.encode_fn = encode_random_crop
     return data

@@ -122,3 +122,135 @@ def test_word_like_tokens_only_match_whole_words(tmp_path):
     write_images(tmp_path / "d", ["a photo that asks nothing"])
     with pytest.raises(DCOError, match="does not contain sks"):
         load_dataset_spec(quick_config(data_dir=str(tmp_path / "d"), tokens={"sks": "dog"}))
+
+
+# ------------------------------------------------------------------------------- every Pillow mode
+def _saved(tmp_path, image, name: str, **kw):
+    path = tmp_path / name
+    image.save(path, **kw)
+    return path
+
+
+def _mode_cases(tmp_path):
+    """(file, the RGB pixel at (0, 0) after loading) for each Pillow mode a training image may have."""
+    import numpy as np
+
+    p_transparent = Image.new("P", (4, 4), 1)
+    p_transparent.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
+    la = Image.new("LA", (4, 4), (50, 0))  # fully transparent grey -> white
+    la.putpixel((1, 1), (50, 255))
+    return {
+        "I;16": (_saved(tmp_path, Image.fromarray(np.full((4, 4), 32896, np.uint16)), "i16.png"), (128, 128, 128)),
+        "I": (_saved(tmp_path, Image.fromarray(np.full((4, 4), 65535, np.int32)), "i32.tif"), (255, 255, 255)),
+        "I 8-bit range": (_saved(tmp_path, Image.fromarray(np.full((4, 4), 100, np.int32)), "i8.tif"), (100, 100, 100)),
+        "F": (_saved(tmp_path, Image.fromarray(np.full((4, 4), 0.5, np.float32)), "f.tif"), (128, 128, 128)),
+        "P transparent": (_saved(tmp_path, p_transparent, "p.png", transparency=1), (255, 255, 255)),
+        "P opaque": (_saved(tmp_path, p_transparent, "p_opaque.png"), (200, 10, 10)),
+        "LA": (_saved(tmp_path, la, "la.png"), (255, 255, 255)),
+        "RGBA half": (_saved(tmp_path, Image.new("RGBA", (4, 4), (0, 0, 0, 128)), "rgba.png"), (127, 127, 127)),
+        "CMYK": (_saved(tmp_path, Image.new("CMYK", (4, 4), (0, 255, 255, 0)), "cmyk.jpg", quality=100), (255, 0, 0)),
+        "L": (_saved(tmp_path, Image.new("L", (4, 4), 77), "l.png"), (77, 77, 77)),
+        "1": (_saved(tmp_path, Image.new("1", (4, 4), 1), "one.png"), (255, 255, 255)),
+    }
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "I 8-bit range", "F", "P transparent", "P opaque", "LA", "RGBA half",
+                                  "CMYK", "L", "1"])
+def test_every_pillow_mode_loads_with_the_right_pixel_values(tmp_path, mode):
+    path, expected = _mode_cases(tmp_path)[mode]
+    image = open_rgb(path)
+    assert image.mode == "RGB"
+    got = image.getpixel((0, 0))
+    assert all(abs(a - b) <= 3 for a, b in zip(got, expected)), (mode, got, expected)  # JPEG's CMYK rounding
+
+
+def test_sixteen_bit_png_keeps_its_gradient(tmp_path):
+    """A 16-bit PNG is scaled, not clipped: a dark-to-light ramp stays a ramp (it used to load white)."""
+    import numpy as np
+
+    ramp = np.linspace(0, 65535, 16).astype(np.uint16).reshape(4, 4)
+    path = _saved(tmp_path, Image.fromarray(ramp), "ramp16.png")
+    arr = np.asarray(open_rgb(path))[..., 0].reshape(-1)
+    assert arr[0] == 0 and arr[-1] == 255 and (np.diff(arr.astype(int)) > 0).all()
+
+
+# ------------------------------------------------------------------------------- captions
+def test_caption_with_a_utf8_bom_loses_the_bom(tmp_path):
+    write_images(tmp_path / "d", ["x"])
+    (tmp_path / "d" / "img0.txt").write_bytes("\ufeffa photo of a <obj>".encode("utf-8"))
+    spec = load_dataset_spec(quick_config(data_dir=str(tmp_path / "d")))
+    assert spec.samples[0].prompt == "a photo of a <obj>"
+
+
+def test_latin1_caption_is_refused_by_name(tmp_path):
+    write_images(tmp_path / "d", ["x"])
+    (tmp_path / "d" / "img0.txt").write_bytes("a photo of a <obj> in a café".encode("latin-1"))
+    with pytest.raises(DCOError, match=r"img0\.txt is not UTF-8 text.*save it as UTF-8"):
+        load_dataset_spec(quick_config(data_dir=str(tmp_path / "d")))
+
+
+def test_config_json_with_a_bom_reads(tmp_path):
+    write_images(tmp_path / "d", ["x"])
+    entry = {"images": [str(tmp_path / "d" / "img0.png")], "prompts": ["a <obj>"], "inserting_tokens": ["<obj>"],
+             "initializer_tokens": ["toy"]}
+    (tmp_path / "config.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"mine": entry}).encode())
+    spec = load_dataset_spec(quick_config(config_dir=str(tmp_path / "config.json")))
+    assert spec.samples[0].base_prompt == "a toy"
+
+
+# ------------------------------------------------------------------------------- skipped, refused, upscaled
+def test_a_gif_in_the_folder_is_named_in_a_warning(tmp_path, caplog):
+    write_images(tmp_path / "d", ["a <obj>"])
+    Image.new("RGB", (8, 8)).save(tmp_path / "d" / "anim.gif")
+    (tmp_path / "d" / "anim.txt").write_text("a <obj>", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="dco_train.data"):
+        spec = load_dataset_spec(quick_config(data_dir=str(tmp_path / "d")))
+    assert len(spec.samples) == 1
+    assert "anim.gif" in caplog.text and "GIF is not read" in caplog.text
+
+
+def test_a_tiny_image_is_named_when_heavily_upscaled(tmp_path, caplog):
+    (tmp_path / "d").mkdir()
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(tmp_path / "d" / "img0.png")
+    (tmp_path / "d" / "img0.txt").write_text("a <obj>", encoding="utf-8")
+    cfg = quick_config(data_dir=str(tmp_path / "d"))
+    with caplog.at_level("WARNING", logger="dco_train.data"):
+        encode_dataset(lambda px: (px[:1, ::8, ::8], None), load_dataset_spec(cfg), cfg)
+    assert "img0.png is 1x1 pixels and is enlarged 64.0x" in caplog.text
+
+
+def test_no_warning_for_an_image_near_the_training_size(tmp_path, caplog):
+    write_images(tmp_path / "d", ["a <obj>"], size=(48, 48))
+    cfg = quick_config(data_dir=str(tmp_path / "d"))
+    with caplog.at_level("WARNING", logger="dco_train.data"):
+        encode_dataset(lambda px: (px[:1, ::8, ::8], None), load_dataset_spec(cfg), cfg)
+    assert "enlarged" not in caplog.text
+
+
+def test_a_decompression_bomb_is_refused_by_name(tmp_path, monkeypatch):
+    write_images(tmp_path / "d", ["a <obj>"], size=(80, 64))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's own limit, lowered: 80x64 > 2 x 1000
+    with pytest.raises(DCOError, match=r"img0\.png is too large to open safely.*Resize it"):
+        open_rgb(tmp_path / "d" / "img0.png")
+
+
+# ------------------------------------------------------------------------------- random crops flip
+def test_random_crops_flip_when_random_flip_is_on(tmp_path):
+    """With center_crop off the loop re-encodes a random crop each step; about half of them are
+    mirrored (they never were). A horizontally asymmetric image tells the two apart."""
+    im = Image.new("RGB", (64, 64), (0, 0, 0))
+    im.paste((255, 255, 255), (0, 0, 32, 64))  # left half white
+    (tmp_path / "d").mkdir()
+    im.save(tmp_path / "d" / "img0.png")
+    (tmp_path / "d" / "img0.txt").write_text("a <obj>", encoding="utf-8")
+    seen = []
+    cfg = quick_config(data_dir=str(tmp_path / "d"), center_crop=False, random_flip=True)
+    data = encode_dataset(lambda px: (px.clone(), None), load_dataset_spec(cfg), cfg)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        pixels = data.encode_fn(0, g).mean
+        seen.append(float(pixels[0, :, :8].mean()) > 0)  # white on the left = not mirrored
+    assert 3 <= sum(seen) <= 17, seen
+    off = quick_config(data_dir=str(tmp_path / "d"), center_crop=False, random_flip=False)
+    plain = encode_dataset(lambda px: (px.clone(), None), load_dataset_spec(off), off)
+    assert all(float(plain.encode_fn(0, g).mean[0, :, :8].mean()) > 0 for _ in range(10))
