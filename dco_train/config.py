@@ -171,6 +171,20 @@ class TrainConfig:
                 raise DCOError(f"The new token {token!r} must be one word without spaces, such as <dog>.")
             if not isinstance(word, str):
                 raise DCOError(f"The initializer word of {token} must be text, not {word!r}.")
+        if self.tokens and not self.train_text_encoder_ti:
+            raise DCOError(
+                f"tokens ({', '.join(self.tokens)}) are given but textual inversion is off"
+                f"{' (the style preset trains no tokens)' if self.preset == 'style' else ''}, so they would be "
+                "trained as plain characters; turn train_text_encoder_ti on (--train_text_encoder_ti) or "
+                "remove the tokens."
+            )
+        if self.train_text_encoder_ti and not self.config_dir:  # config.json may give base prompts
+            bare = [t for t, w in self.tokens.items() if not w.strip()]
+            if bare:
+                raise DCOError(
+                    f"The token {bare[0]} has no word: the word starts its embedding and stands for it in the "
+                    f"base prompt. Give one, e.g. tokens \"{bare[0]}=dog\" (--tokens \"{bare[0]}=dog\")."
+                )
         if self.train_text_encoder_ti and not self.tokens and not self.config_dir:  # config.json may name them
             raise DCOError(
                 "train_text_encoder_ti is on but no new tokens are given; set tokens such as '<dog>=dog' "
@@ -239,11 +253,14 @@ class TrainConfig:
 
 
 def parse_tokens(spec: str | dict[str, str] | None) -> dict[str, str]:
-    """Parse `"<dog>=dog, <hat>=hat"` (or `"<dog>"`, which starts from a random row) into a dict."""
+    """Parse `"<dog>=dog, <hat>=hat"` into a dict. A bare `"<dog>"` gives an empty word (the token
+    loader uses it to pick tokens from a file); training refuses an empty word (`__post_init__`)."""
     if spec is None:
         return {}
     if isinstance(spec, dict):
         return dict(spec)
+    if not isinstance(spec, str):
+        raise DCOError(f"tokens must be text such as <dog>=dog, not {spec!r}.")
     out: dict[str, str] = {}
     for part in re.split(r"[,\n;]", spec):
         part = part.strip()
@@ -254,6 +271,11 @@ def parse_tokens(spec: str | dict[str, str] | None) -> dict[str, str]:
         if not token or not _TOKEN_RE.match(token):
             raise DCOError(f"Cannot read the token entry {part!r}; write it as <token>=word, e.g. <dog>=dog.")
         if token in out:
-            raise DCOError(f"The token {token} is listed twice in {spec!r}.")
+            raise DCOError(f"The token {token} is listed twice in tokens {spec!r}; give each token once.")
+        if token == word:
+            raise DCOError(
+                f"The token {token} is the same as its word, so the token prompt and the base prompt would be "
+                f"the same; choose a new string for the token, e.g. <{word}>={word}."
+            )
         out[token] = word
     return out

@@ -111,6 +111,16 @@ class TokenSet:
                 r.rows.copy_(emb.rows(key).to(r.rows))
 
 
+def is_known_word(tokenizer: Any, token: str) -> bool:
+    """Whether `token` already means something to the tokenizer: an entry of its vocabulary as it
+    is, as CLIP's word-final form (`dog</w>`, how a whole word is stored), or text that already
+    tokenizes to a single id (CLIP lower-cases, so `Dog` is `dog</w>`)."""
+    vocab = tokenizer.get_vocab()
+    if token in vocab or token + "</w>" in vocab:
+        return True
+    return len(tokenizer(token, add_special_tokens=False).input_ids) == 1
+
+
 def _initial_row(tokenizer: Any, table: torch.Tensor, word: str, token: str, generator: torch.Generator) -> torch.Tensor:
     if not word:
         std = table.float().std()
@@ -133,12 +143,12 @@ def add_tokens(
     if not tokens:
         raise DCOError("Textual inversion needs at least one new token such as <dog>.")
     for tokenizer in tokenizers:
-        vocab = tokenizer.get_vocab()
         for token in tokens:
-            if token in vocab:
+            if is_known_word(tokenizer, token):
                 raise DCOError(
                     f"The token {token} is already in the tokenizer's vocabulary, so it cannot be learned as a "
-                    "new token; choose a new string such as <my_dog>."
+                    f"new token (and the base prompt would equal the token prompt); choose a new string such as "
+                    f"<{token.strip('<>')}>."
                 )
     token_set = TokenSet(tokens=tokens, initializers=words)
     generator = torch.Generator().manual_seed(seed)

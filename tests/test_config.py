@@ -16,7 +16,7 @@ def test_subject_and_style_recipes():
 
 
 def test_roundtrip_through_json():
-    cfg = TrainConfig.subject(tokens={"<dog>": "dog", "<hat>": ""}, validation_prompts=["a <dog>"])
+    cfg = TrainConfig.subject(config_dir="config.json", tokens={"<dog>": "dog", "<hat>": ""}, validation_prompts=["a <dog>"])
     again = TrainConfig.from_dict(__import__("json").loads(cfg.to_json()))
     assert again == cfg
 

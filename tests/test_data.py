@@ -254,3 +254,33 @@ def test_random_crops_flip_when_random_flip_is_on(tmp_path):
     off = quick_config(data_dir=str(tmp_path / "d"), center_crop=False, random_flip=False)
     plain = encode_dataset(lambda px: (px.clone(), None), load_dataset_spec(off), off)
     assert all(float(plain.encode_fn(0, g).mean[0, :, :8].mean()) > 0 for _ in range(10))
+
+
+# ------------------------------------------------------------------------------- long captions, words
+def test_a_caption_over_77_tokens_is_named_in_a_warning(tiny, caplog):
+    from dco_train.text import encode_prompts
+
+    long = "a photo of a " + " ".join(["red dog"] * 45)
+    with caplog.at_level("WARNING", logger="dco_train.text"), torch.no_grad():
+        encode_prompts(tiny.tokenizers, tiny.text_encoders, [long, "a short dog"])
+    assert f"The prompt {long!r} is 94 tokens long; only the first 75" in caplog.text and "a short dog" not in caplog.text
+
+
+def test_a_token_without_a_word_stops_the_base_prompt(tmp_path):
+    """A reference learned_embeds file records no words: 'A <dog> playing saxophone' must not
+    quietly become 'A playing saxophone'."""
+    from dco_train.text import replace_tokens
+
+    with pytest.raises(DCOError, match=r'No word is known for <dog>.*--tokens "<dog>=dog".*word_map'):
+        replace_tokens("A <dog> playing saxophone", {"<dog>": ""})
+    assert replace_tokens("A <dog> playing saxophone", {"<dog>": ""}, allow_empty=True) == "A playing saxophone"
+    assert replace_tokens("A cat", {"<dog>": ""}) == "A cat"  # the token is not in the prompt
+
+
+def test_a_config_json_token_without_a_word_or_base_prompts_is_refused(tmp_path):
+    write_images(tmp_path / "d", ["x"])
+    entry = {"images": [str(tmp_path / "d" / "img0.png")], "prompts": ["A <dog> playing saxophone"],
+             "inserting_tokens": ["<dog>"], "initializer_tokens": [""]}
+    (tmp_path / "config.json").write_text(json.dumps({"mine": entry}), encoding="utf-8")
+    with pytest.raises(DCOError, match="No word is known for <dog>"):
+        load_dataset_spec(quick_config(config_dir=str(tmp_path / "config.json"), tokens={}, train_text_encoder_ti=True))

@@ -76,9 +76,20 @@ def test_first_dco_loss_is_exactly_ln2_with_ti(tiny, subject_dir, tmp_path):
 
 
 def test_ti_rows_train_in_fp32_under_bf16_and_nothing_else_moves(tiny, subject_dir, tmp_path):
+    """bf16 on the CPU (accelerate autocasts there too): the UNet computes in bf16, the TI rows stay
+    fp32 and move, the frozen tables do not. The frozen weights are held in the dtype
+    `weight_dtype` gives for the CPU (fp32 today; bf16 once the CPU keeps frozen weights in bf16)."""
+    from dco_train.train import weight_dtype
+
     tables = [e.get_input_embeddings().weight.detach().clone() for e in tiny.text_encoders]
+    computed: list[torch.dtype] = []
+    hook = tiny.unet.conv_in.register_forward_hook(lambda m, i, o: computed.append(o.dtype))
     cfg = quick_config(data_dir=str(subject_dir), max_train_steps=5, mixed_precision="bf16", text_encoder_lr=1e-2)
-    res = train(cfg, tiny, RunOptions(output_dir=tmp_path / "out", progress_bar=False, log_with=None))
+    res = train(cfg, tiny, RunOptions(output_dir=tmp_path / "out", progress_bar=False, log_with=None, cpu=True))
+    hook.remove()
+    assert computed and all(d == torch.bfloat16 for d in computed), "the step did not run in bf16"
+    frozen = weight_dtype("bf16", torch.device("cpu"))
+    assert tiny.unet.conv_in.weight.dtype == frozen and tiny.text_encoder_2.get_input_embeddings().weight.dtype == frozen
     ts = res.token_set
     for rows, table, word_id in zip(ts.rows, tables, [t.convert_tokens_to_ids("toy</w>") for t in tiny.tokenizers]):
         assert rows.rows.dtype == torch.float32
@@ -86,7 +97,7 @@ def test_ti_rows_train_in_fp32_under_bf16_and_nothing_else_moves(tiny, subject_d
         assert moved > 1e-4, "the TI row did not move"
         assert torch.allclose(rows.rows.detach().norm(dim=-1), table[word_id].norm()[None], rtol=1e-5)
     for enc, table in zip(tiny.text_encoders, tables):
-        assert torch.equal(enc.get_input_embeddings().weight, table)
+        assert torch.equal(enc.get_input_embeddings().weight.float(), table)
 
 
 def test_a_token_that_is_already_a_word_is_refused(tiny):
@@ -94,6 +105,17 @@ def test_a_token_that_is_already_a_word_is_refused(tiny):
         add_tokens(tiny.tokenizers, tiny.text_encoders, {"dog</w>": "dog"})
     with pytest.raises(DCOError, match="already in the tokenizer's vocabulary"):
         add_tokens(tiny.tokenizers, tiny.text_encoders, {"<|endoftext|>": "dog"})
+
+
+@pytest.mark.parametrize("token", ["dog", "Dog", "saxophone"])
+def test_a_whole_word_is_refused_as_a_new_token(tiny, token):
+    """CLIP stores whole words with `</w>` (`dog</w>`); the plain word is just as taken."""
+    with pytest.raises(DCOError, match=f"The token {token} is already in the tokenizer's vocabulary"):
+        add_tokens(tiny.tokenizers, tiny.text_encoders, {token: "toy"})
+
+
+def test_a_new_string_is_still_accepted(tiny):
+    assert add_tokens(tiny.tokenizers, tiny.text_encoders, {"<dog>": "dog", "sksx": "dog"}).tokens == ["<dog>", "sksx"]
 
 
 def test_random_initialiser_uses_the_table_spread(tiny):
