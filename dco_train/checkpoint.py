@@ -4,6 +4,9 @@ A checkpoint folder `checkpoint-<step>` holds everything an exact resume needs: 
 the TI rows, the optimizer state, the LR scheduler and grad-scaler state, the step, the data order
 and every process's RNG state, plus the config. It is written into a temporary folder that is
 renamed into place, so an interruption never leaves a half-written checkpoint under its name.
+Re-saving the same step moves the old folder aside (`checkpoint-<step>.old`) before the new one is
+renamed in; folders cannot be swapped in one portable step, so if the process dies between the two
+renames the aside copy is renamed back the next time checkpoints are listed.
 """
 
 from __future__ import annotations
@@ -13,14 +16,15 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import DCOError
-from .formats import TokenEmbeddings, load_embeddings, load_safetensors, save_embeddings, save_safetensors
+from .formats import (TokenEmbeddings, current_umask, load_embeddings, load_safetensors, output_error, save_embeddings,
+                      save_safetensors)
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -36,7 +40,6 @@ class CheckpointState:
     config: dict[str, Any]
     embeddings: TokenEmbeddings | None = None
     scaler: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _optimizer_to_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -65,8 +68,13 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 def save_checkpoint(folder: str | os.PathLike, ckpt: CheckpointState) -> Path:
     """Write `ckpt` to `folder` (checkpoint-<step>) atomically; an existing one is replaced."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        if os.name != "nt":
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folder is private (0700); honour the umask
+    except OSError as exc:
+        raise output_error(folder, exc) from exc
     try:
         lora = {f"{comp}::{k}": v.float() for comp, sd in ckpt.lora.items() for k, v in sd.items()}
         save_safetensors(tmp / "lora.safetensors", lora)
@@ -82,20 +90,48 @@ def save_checkpoint(folder: str | os.PathLike, ckpt: CheckpointState) -> Path:
             "scaler": ckpt.scaler,
             "data_order": ckpt.data_order,
             "config": ckpt.config,
-            "extra": ckpt.extra,
         }
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=_json_default), encoding="utf-8")
-        if folder.exists():
-            old = folder.with_name(folder.name + ".old")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        text = json.dumps(meta, indent=1, default=_json_default)
+        try:
+            (tmp / "state.json").write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise output_error(folder / "state.json", exc) from exc
+        _swap_in(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _aside(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".old")
+
+
+def _swap_in(new: Path, folder: Path) -> None:
+    """Rename `new` onto `folder`: the old folder is renamed aside first (Windows cannot rename over
+    a folder), then the new one in, then the old one deleted. `_recover_aside` undoes a crash
+    between the two renames."""
+    try:
+        if folder.exists():
+            old = _aside(folder)
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(folder, old)
+            os.replace(new, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(new, folder)
+    except OSError as exc:
+        raise output_error(folder, exc) from exc
+
+
+def _recover_aside(root: Path) -> None:
+    """A `checkpoint-<step>.old` without its `checkpoint-<step>` is a checkpoint whose re-save was
+    interrupted between the two renames: put it back under its name."""
+    for old in root.glob("checkpoint-*.old"):
+        folder = old.with_name(old.name[: -len(".old")])
+        if _NAME.match(folder.name) and old.is_dir() and not folder.exists():
+            os.replace(old, folder)
 
 
 def _json_default(value: Any) -> Any:
@@ -111,7 +147,15 @@ def load_checkpoint(folder: str | os.PathLike) -> CheckpointState:
     state_file = folder / "state.json"
     if not state_file.is_file():
         raise DCOError(f"{folder} is not a checkpoint folder (no state.json); give a checkpoint-<step> folder or 'latest'.")
-    meta = json.loads(state_file.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(state_file.read_text(encoding="utf-8"))
+        for key in ("step", "optimizer", "lr_scheduler", "data_order", "config"):
+            meta[key]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise DCOError(
+            f"{state_file} is damaged or incomplete ({exc}); the checkpoint cannot be resumed. Resume from an "
+            "earlier checkpoint-<step> folder, or start again without --resume_from_checkpoint."
+        ) from exc
     lora_flat, _ = load_safetensors(folder / "lora.safetensors")
     lora: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in lora_flat.items():
@@ -131,7 +175,6 @@ def load_checkpoint(folder: str | os.PathLike) -> CheckpointState:
         config=meta["config"],
         embeddings=load_embeddings(emb_path) if emb_path.is_file() else None,
         scaler=meta.get("scaler"),
-        extra=meta.get("extra", {}),
     )
 
 
@@ -140,6 +183,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
+    _recover_aside(root)
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
     return [p for _, p in sorted(found)]
 

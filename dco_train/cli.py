@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("demo", help="Train a tiny random SDXL on synthetic data (no download, no GPU).")
     de.add_argument("--output", default="demo_out", help="Folder for everything the demo writes.")
     de.add_argument("--steps", type=int, default=40, help="Training steps for each of the two runs.")
+
+    from .convert import add_convert_flags  # convert block (data helper)
+
+    add_convert_flags(sub.add_parser("convert", help="Rewrite a reference (diffusers-format) LoRA as a kohya-format "
+                                     "LoRA that ComfyUI loads."))
     return parser
 
 
@@ -129,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .sample_cli import run_sample
 
             summary = run_sample(args)
+        elif args.command == "convert":  # convert block (data helper)
+            from .convert import run_convert
+
+            summary = run_convert(args)
         else:
             from .demo import run_demo
 

@@ -10,6 +10,7 @@ ComfyUI's stock LoraLoader maps all of them for SDXL and diffusers' `load_lora_w
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -30,19 +31,51 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 
 
 # ------------------------------------------------------------------------------- atomic files
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it: the only portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def output_error(path: Path, exc: OSError) -> DCOError:
+    """A sentence for a failed write: full disk, read-only or forbidden folder, or other."""
+    reasons = {
+        errno.ENOSPC: "the disk is full; free some space or choose a folder on another disk",
+        errno.EROFS: "the file system is read-only; choose a writable output folder",
+        errno.EACCES: "permission is denied; choose a folder you can write to",
+        errno.EPERM: "permission is denied; choose a folder you can write to",
+        getattr(errno, "EDQUOT", -1): "the disk quota is exceeded; free some space or choose another folder",
+    }
+    why = reasons.get(exc.errno, f"{exc.strerror or exc}; check the folder and try again")
+    return DCOError(f"Cannot write {path}: {why}.")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_path)` for a temporary file next to `path`, then rename it onto `path`."""
+    """Call `write(tmp_path)` for a temporary file next to `path`, then rename it onto `path`.
+
+    The file gets the permissions of an ordinary new file (0666 minus the umask, as ComfyUI's own
+    outputs), not mkstemp's private 0600, so other users of a shared install can read it. A write
+    that fails (full disk, read-only folder) leaves the earlier file under `path` untouched and
+    ends in a DCOError naming the path."""
     path = Path(path)
     if not path.parent.is_dir():
         raise DCOError(f"The folder {path.parent} does not exist; create it or choose another output folder.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise output_error(path, exc) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
+        if os.name != "nt":  # Windows has no mode bits beyond read-only; mkstemp's file is writable there
+            os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
+    except OSError as exc:
+        raise output_error(path, exc) from exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -158,28 +191,82 @@ def save_lora(
         raise DCOError(f"The save precision must be one of {', '.join(SAVE_DTYPES)}, not {dtype!r}.")
     kohya = peft_to_kohya(state_dicts, alphas)
     tensors = {k: (v if k.endswith(".alpha") else v.to(SAVE_DTYPES[dtype])) for k, v in kohya.items()}
-    rank = next((v.shape[0] for k, v in kohya.items() if k.endswith("lora_down.weight")), 0)
-    meta = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": str(alphas.get("unet", rank)),
-        "ss_base_model_version": "sdxl_base_v1-0",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
-        "modelspec.sai_model_spec": "1.0.0",
-        **(metadata or {}),
-    }
+    meta = {**lora_metadata(kohya, alphas.get("unet")), **(metadata or {})}
     return save_safetensors(path, tensors, meta)
 
 
+REFERENCE_COMPONENTS = ("text_encoder_2", "text_encoder", "unet")  # longest prefix first
+
+
+def is_reference_lora(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the keys are diffusers' LoRA format (`unet.<module>.lora.down.weight`, the
+    reference's `pytorch_lora_weights.safetensors`) or peft's (`unet.<module>.lora_A.weight`)."""
+    return any(k.startswith(tuple(c + "." for c in REFERENCE_COMPONENTS))
+               and (".lora.down." in k or ".lora_A." in k or ".lora_linear_layer.down." in k) for k in tensors)
+
+
+def reference_to_peft(tensors: Mapping[str, torch.Tensor], name: str = "the LoRA") -> dict[str, dict[str, torch.Tensor]]:
+    """Split a diffusers/peft-format LoRA into peft state dicts per component (`to_q.lora_A.weight`),
+    with diffusers' own key converters (`convert_unet_state_dict_to_peft` for the UNet's
+    `lora.down`/`lora.up`, `convert_state_dict_to_peft` for the text encoders' `lora_linear_layer`)."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        component = next((c for c in REFERENCE_COMPONENTS if key.startswith(c + ".")), None)
+        if component is None:
+            raise DCOError(f"{name}: the key {key} is not for an SDXL UNet or text encoder (unet., text_encoder., "
+                           "text_encoder_2.); it is not a LoRA this pack can read.")
+        parts.setdefault(component, {})[key[len(component) + 1:]] = value
+    out = {}
+    for component, sd in parts.items():
+        if not any(".lora_A." in k for k in sd):
+            sd = convert_unet_state_dict_to_peft(sd) if component == "unet" else convert_state_dict_to_peft(sd)
+        bad = [k for k in sd if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+        if bad:
+            raise DCOError(f"{name}: cannot read the LoRA key {component}.{bad[0]} (expected lora.down / lora.up "
+                           "or lora_A / lora_B weights).")
+        out[component] = dict(sd)
+    return out
+
+
+def reference_to_kohya(tensors: Mapping[str, torch.Tensor], name: str = "the LoRA") -> dict[str, torch.Tensor]:
+    """A reference (diffusers/peft-format) LoRA as kohya keys with an explicit `.alpha` per module.
+
+    Those files store no alpha; diffusers applies them at scale 1, i.e. alpha = rank, which is what
+    is written, so the kohya file has the same effect in ComfyUI as the original in diffusers."""
+    kohya = peft_to_kohya(reference_to_peft(tensors, name), {c: 1.0 for c in LORA_PREFIXES})
+    for key in [k for k in kohya if k.endswith(".alpha")]:
+        down = kohya[key[: -len(".alpha")] + ".lora_down.weight"]
+        kohya[key] = torch.tensor(float(down.shape[0]), dtype=torch.float32)
+    return kohya
+
+
+def lora_metadata(kohya: Mapping[str, torch.Tensor], alpha: float | None = None) -> dict[str, str]:
+    """sd-scripts / modelspec metadata for a kohya-format SDXL LoRA."""
+    rank = next((int(v.shape[0]) for k, v in kohya.items() if k.endswith("lora_down.weight")), 0)
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha if alpha is not None else rank),
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        "modelspec.sai_model_spec": "1.0.0",
+    }
+
+
 def load_lora(path: str | os.PathLike) -> LoraFile:
-    """Read a kohya-format LoRA (ours, or any kohya file with diffusers or SGM names)."""
+    """Read a kohya-format LoRA (ours, or any kohya file with diffusers or SGM names), or a
+    reference / diffusers / peft-format one (`pytorch_lora_weights.safetensors`), converted."""
     tensors, metadata = load_safetensors(path)
+    if is_reference_lora(tensors) and not any(k.endswith(".lora_down.weight") for k in tensors):
+        tensors = reference_to_kohya(tensors, Path(path).name)
     modules: dict[str, dict[str, LoraModule]] = {}
     names = {k.rsplit(".lora_down.weight", 1)[0] for k in tensors if k.endswith(".lora_down.weight")}
     if not names:
         raise DCOError(
-            f"{Path(path).name} holds no kohya-format LoRA keys (name.lora_down.weight / name.lora_up.weight); "
-            "it is not a LoRA this pack can read."
+            f"{Path(path).name} holds no kohya-format LoRA keys (name.lora_down.weight / name.lora_up.weight) "
+            "nor diffusers-format ones (unet.name.lora.down.weight); it is not a LoRA this pack can read."
         )
     for name in sorted(names):
         component = next((c for c, p in LORA_PREFIXES.items() if name.startswith(p + "_")), None)
@@ -189,10 +276,30 @@ def load_lora(path: str | os.PathLike) -> LoraFile:
         if up is None:
             raise DCOError(f"{Path(path).name}: {name} has a lora_down weight but no lora_up weight.")
         down = tensors[name + ".lora_down.weight"]
+        if down.ndim < 2 or up.ndim < 2 or up.shape[1] != down.shape[0]:
+            raise DCOError(f"{Path(path).name}: {name} has lora_down {tuple(down.shape)} and lora_up "
+                           f"{tuple(up.shape)}, which do not fit together; the file is damaged.")
         alpha_t = tensors.get(name + ".alpha")
         alpha = float(alpha_t.item()) if alpha_t is not None else float(down.shape[0])
         modules.setdefault(component, {})[name] = LoraModule(down=down, up=up, alpha=alpha)
     return LoraFile(modules=modules, metadata=metadata)
+
+
+def check_lora_shapes(name: str, component: str, targets: Mapping[str, tuple[LoraModule, torch.nn.Module]]) -> None:
+    """Refuse, naming the file and the first key, a LoRA whose module names match the model but whose
+    shapes do not (a LoRA made for another model of the same layout): `targets` maps each module
+    name to (its LoRA, the model's layer). Without this the copy ends in a torch RuntimeError."""
+    for module_name, (m, layer) in targets.items():
+        weight = getattr(layer, "weight", None)
+        if weight is None:
+            continue
+        out_f, in_f = int(weight.shape[0]), int(weight.shape[1])
+        if int(m.down.shape[1]) != in_f or int(m.up.shape[0]) != out_f:
+            raise DCOError(
+                f"{name}: the {component} LoRA for {module_name} is {int(m.down.shape[1])} -> {int(m.up.shape[0])} "
+                f"wide but the model's layer is {in_f} -> {out_f}; the LoRA was made for another model. Use a "
+                "LoRA trained on this base model."
+            )
 
 
 # ------------------------------------------------------------------------------- embeddings

@@ -13,6 +13,8 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from .errors import DCOError
+
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 ADAPTER = "dco"
@@ -115,17 +117,11 @@ def load_lora_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], ad
             if name not in own:
                 missing.append(key)
                 continue
+            if tuple(own[name].shape) != tuple(value.shape):
+                raise DCOError(
+                    f"The LoRA tensor {key} is {tuple(value.shape)} but the model's is {tuple(own[name].shape)}; "
+                    "it was saved for another model or another rank. Resume with the same model and rank."
+                )
             own[name].copy_(value.to(own[name]))
     if missing:
         raise ValueError(f"{len(missing)} LoRA tensors have no place in the model, e.g. {missing[0]}.")
-
-
-def remove_lora(model: nn.Module, adapter: str = ADAPTER) -> None:
-    """Take the adapter out again: every tuner layer is replaced by its original module."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, BaseTunerLayer):
-                setattr(module, child_name, child.get_base_layer())
-    refresh_layers(model)
