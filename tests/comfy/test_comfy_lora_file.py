@@ -56,3 +56,26 @@ def test_reference_format_is_dropped_control(tmp_path, caplog):
                                         strength_model=1.0, strength_clip=1.0)
     assert len(_dropped(caplog)) == len(sd)
     assert not any(model_ft.patches.values())
+
+
+def test_converted_reference_lora_loads_with_zero_dropped_keys(tmp_path, caplog):
+    """`python -m dco_train convert` turns the reference's file (diffusers keys, no alpha) into one
+    that ComfyUI maps completely: every UNet attention projection and every text-encoder projection."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
+
+    model, clip = harness.build_model(seed=0), harness.build_clip(seed=0)
+    parts = {"unet": harness.peft_unet_lora(model, 4, seed=3),
+             "text_encoder": {"text_model." + k: v for k, v in harness.peft_text_lora(harness.HIDDEN_L, 4, 4).items()},
+             "text_encoder_2": {"text_model." + k: v for k, v in harness.peft_text_lora(harness.HIDDEN_G, 4, 5).items()}}
+    sd = {f"{c}.{k}": v for c, part in parts.items() for k, v in convert_state_dict_to_diffusers(part).items()}
+    assert any(k.endswith(".lora.down.weight") for k in sd), "the fixture must be in the reference's format"
+    save_file(sd, str(tmp_path / "pytorch_lora_weights.safetensors"))
+    convert = harness.pack_module("dco_train.convert")
+    convert.convert_lora(tmp_path / "pytorch_lora_weights.safetensors", tmp_path / "converted.safetensors")
+    with harness.model_folder("loras", tmp_path), caplog.at_level(logging.DEBUG):
+        model_ft, clip_ft = harness.call_node(comfy_nodes.LoraLoader, model=model, clip=clip,
+                                              lora_name="converted.safetensors", strength_model=1.0, strength_clip=1.0)
+    assert _dropped(caplog) == []
+    assert len([k for k, v in model_ft.patches.items() if v]) == len(harness.diffusers_attention_modules())
+    te_keys = [k for k, v in clip_ft.patcher.patches.items() if v]
+    assert len(te_keys) == 2 * 3 * 4 and {k.split(".")[0] for k in te_keys} == {"clip_l", "clip_g"}
