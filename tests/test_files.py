@@ -103,3 +103,95 @@ def test_output_names_refuse_to_overwrite(tmp_path):
         safe_output_path(tmp_path, "mine")
     assert safe_output_path(tmp_path, "mine", overwrite=True) == (tmp_path / "mine.safetensors").resolve()
     assert safe_output_path(tmp_path, "dco/dog").parent.name == "dco"
+
+
+# ------------------------------------------------------------------------------- permissions, disks
+posix_only = pytest.mark.skipif(__import__("os").name == "nt", reason="Windows files have no mode bits")
+
+
+@posix_only
+@pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_honour_the_umask(tmp_path, mask, mode):
+    import os
+
+    from dco_train.formats import save_safetensors
+
+    old = os.umask(mask)
+    try:
+        path = save_safetensors(tmp_path / "x.safetensors", {"a": torch.zeros(2)})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode
+
+
+@pytest.mark.parametrize("err,words", [(28, "the disk is full"), (30, "the file system is read-only"), (13, "permission is denied")])
+def test_a_failed_write_names_the_path_and_keeps_the_earlier_file(tmp_path, err, words):
+    """A writer that fails as a full disk (ENOSPC), a read-only file system (EROFS) or a forbidden
+    folder (EACCES) would: a sentence naming the file, the earlier file intact, no temporary left."""
+    import errno
+    import os
+
+    code = {28: errno.ENOSPC, 30: errno.EROFS, 13: errno.EACCES}[err]
+    target = tmp_path / "lora.safetensors"
+    target.write_bytes(b"earlier run")
+
+    def fails(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(code, os.strerror(code))
+
+    with pytest.raises(DCOError, match=f"Cannot write {target}: {words}"):
+        atomic_write(target, fails)
+    assert target.read_bytes() == b"earlier run" and list(tmp_path.iterdir()) == [target]
+
+
+def _checkpoint(step=5, value=1.0):
+    from dco_train.checkpoint import CheckpointState
+
+    return CheckpointState(step=step, lora={"unet": {"a.lora_A.weight": torch.full((2, 2), value)}},
+                           optimizer={"state": {0: {"step": torch.ones(1)}}, "param_groups": []}, lr_scheduler={}, data_order={},
+                           rng=[torch.zeros(4, dtype=torch.uint8)], config={})
+
+
+def test_resaving_a_checkpoint_replaces_it_and_leaves_nothing_aside(tmp_path):
+    from dco_train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+
+    save_checkpoint(tmp_path / "checkpoint-5", _checkpoint(value=1.0))
+    save_checkpoint(tmp_path / "checkpoint-5", _checkpoint(value=2.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-5"]
+    assert float(load_checkpoint(list_checkpoints(tmp_path)[0]).lora["unet"]["a.lora_A.weight"][0, 0]) == 2.0
+
+
+def test_an_interrupted_resave_is_recovered(tmp_path):
+    """A crash between 'rename the old checkpoint aside' and 'rename the new one in' leaves only
+    checkpoint-5.old: it is put back, so a checkpoint is never lost."""
+    from dco_train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+
+    save_checkpoint(tmp_path / "checkpoint-5", _checkpoint(value=1.0))
+    (tmp_path / "checkpoint-5").rename(tmp_path / "checkpoint-5.old")
+    found = list_checkpoints(tmp_path)
+    assert [p.name for p in found] == ["checkpoint-5"]
+    assert float(load_checkpoint(found[0]).lora["unet"]["a.lora_A.weight"][0, 0]) == 1.0
+
+
+@posix_only
+def test_checkpoint_folders_honour_the_umask(tmp_path):
+    import os
+
+    from dco_train.checkpoint import save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        folder = save_checkpoint(tmp_path / "checkpoint-1", _checkpoint(step=1))
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o755 and (folder / "state.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_truncated_state_json_is_named(tmp_path):
+    from dco_train.checkpoint import load_checkpoint, save_checkpoint
+
+    folder = save_checkpoint(tmp_path / "checkpoint-5", _checkpoint())
+    text = (folder / "state.json").read_text()
+    (folder / "state.json").write_text(text[: len(text) // 2])
+    with pytest.raises(DCOError, match=r"checkpoint-5/state\.json is damaged or incomplete.*earlier checkpoint"):
+        load_checkpoint(folder)
