@@ -6,8 +6,10 @@ path). Single files go through the one SGM -> diffusers path in `sgm.py`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -70,8 +72,85 @@ SDXL_SCHEDULER = dict(
 )
 
 
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
+                  "StableDiffusionXLControlNetPipeline", "StableDiffusionXLAdapterPipeline")
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
+WEIGHT_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
 def _looks_like_hub_id(name: str) -> bool:
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)
+    return name.count("/") == 1 and not _looks_like_path(name) and not os.path.exists(name)
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether `name` was meant as a local path: it starts like one (`.`, `~`, `/`, a drive), uses a
+    backslash or more than one `/` (hub ids are `org/name`), ends in a model-file suffix, or its
+    first part is a folder that exists here (`models/sdxl` with a typo after `models/`)."""
+    if name.startswith((".", "~", "/", "\\")) or "\\" in name or name.count("/") > 1 or (len(name) > 1 and name[1] == ":"):
+        return True
+    if name.lower().endswith(MODEL_SUFFIXES):
+        return True
+    return "/" in name and Path(name.split("/", 1)[0]).is_dir()
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (set in the environment or already imported)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:
+        return False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub's endpoint: seconds instead of huggingface_hub's retries."""
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_diffusers_folder(path: Path) -> None:
+    """Refuse, by name, a diffusers folder that is not an SDXL (`model_index.json`'s pipeline class,
+    or a UNet without SDXL's `text_time` added conditioning), or whose weights are only pickled
+    `.bin` files (only safetensors are loaded: `from_pretrained(use_safetensors=True)`)."""
+    index = path / "model_index.json"
+    if index.is_file():
+        try:
+            cls = json.loads(index.read_text(encoding="utf-8-sig")).get("_class_name", "")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise DCOError(f"{index} is not valid JSON ({exc}); the folder is damaged.") from exc
+        if cls and cls not in SDXL_PIPELINES:
+            raise DCOError(
+                f"{path} is a {cls} folder (model_index.json), not an SDXL; this trainer needs an SDXL base "
+                "model such as stabilityai/stable-diffusion-xl-base-1.0."
+            )
+    unet_config = path / "unet" / "config.json"
+    if unet_config.is_file():
+        try:
+            cfg = json.loads(unet_config.read_text(encoding="utf-8-sig"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DCOError(f"{unet_config} is not valid JSON ({exc}); the folder is damaged.") from exc
+        if cfg.get("addition_embed_type") != "text_time":
+            kind = f"cross-attention width {cfg.get('cross_attention_dim')}"
+            raise DCOError(
+                f"{path} holds a UNet without SDXL's text_time conditioning ({kind}: an SD 1.x/2.x-style model), "
+                "not an SDXL; give an SDXL base model."
+            )
+    for sub in WEIGHT_SUBFOLDERS:
+        folder = path / sub
+        if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+            raise DCOError(
+                f"{folder} holds only pickled .bin weights; only .safetensors are loaded (a .bin file can run "
+                "code). Convert the folder to safetensors (e.g. save_pretrained(..., safe_serialization=True))."
+            )
 
 
 def find_clip_tokenizer(tokenizer_dir: str | os.PathLike | None = None) -> Path:
@@ -130,12 +209,13 @@ def load_diffusers(name: str, local_only: bool) -> SDXLComponents:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     kw = {"local_files_only": local_only}
+    weights = {**kw, "use_safetensors": True}  # never unpickle a .bin
     try:
         return SDXLComponents(
-            unet=UNet2DConditionModel.from_pretrained(name, subfolder="unet", **kw),
-            vae=AutoencoderKL.from_pretrained(name, subfolder="vae", **kw),
-            text_encoder=CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **kw),
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(name, subfolder="text_encoder_2", **kw),
+            unet=UNet2DConditionModel.from_pretrained(name, subfolder="unet", **weights),
+            vae=AutoencoderKL.from_pretrained(name, subfolder="vae", **weights),
+            text_encoder=CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **weights),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(name, subfolder="text_encoder_2", **weights),
             tokenizer=CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **kw),
             tokenizer_2=CLIPTokenizer.from_pretrained(name, subfolder="tokenizer_2", **kw),
             scheduler=EulerDiscreteScheduler.from_pretrained(name, subfolder="scheduler", **kw),
@@ -145,11 +225,29 @@ def load_diffusers(name: str, local_only: bool) -> SDXLComponents:
         raise DCOError(f"Cannot load the SDXL {where} {name}: {exc}") from exc
 
 
+def _load_from_hub(name: str) -> SDXLComponents:
+    """A hub id: from the local cache if it is there, else downloaded; with no network (HF_HUB_OFFLINE,
+    or the hub unreachable within seconds) a DCOError at once instead of a minute of retries."""
+    try:
+        return load_diffusers(name, local_only=True)
+    except DCOError:
+        pass
+    if hub_offline():
+        raise DCOError(f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set (no network); "
+                       "download it first, unset HF_HUB_OFFLINE, or give a local folder or .safetensors file.")
+    if not hub_reachable():
+        raise DCOError(f"{name} is not in the local Hugging Face cache and the hub cannot be reached (no network); "
+                       "connect to the internet, or give a local folder or .safetensors file.")
+    log.info("Loading %s from the Hugging Face hub (a hub id was named).", name)
+    return load_diffusers(name, local_only=False)
+
+
 def load_sdxl(name_or_path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> SDXLComponents:
     """An SDXL from a diffusers folder, a single-file .safetensors, or (only if named) a hub id."""
     name = str(name_or_path)
     path = Path(os.path.expanduser(name))
     if path.is_dir():
+        check_diffusers_folder(path)
         if not (path / "unet").is_dir():
             raise DCOError(f"{path} is not a diffusers SDXL folder (it has no unet/ subfolder).")
         comps = load_diffusers(str(path), local_only=True)
@@ -157,9 +255,13 @@ def load_sdxl(name_or_path: str | os.PathLike, tokenizer_dir: str | os.PathLike 
         if path.suffix.lower() != ".safetensors":
             raise DCOError(f"{path.name}: only .safetensors single files are loaded (no pickled .ckpt).")
         comps = load_single_file(path, tokenizer_dir)
+    elif _looks_like_path(name):
+        raise DCOError(
+            f"The local path {name} was not found (looked for {path.resolve()}); check the spelling, or give a "
+            "diffusers folder, an SDXL .safetensors file, or a hub id (org/name)."
+        )
     elif _looks_like_hub_id(name):
-        log.info("Loading %s from the Hugging Face hub (a hub id was named).", name)
-        comps = load_diffusers(name, local_only=False)
+        comps = _load_from_hub(name)
     else:
         raise DCOError(f"The model {name} does not exist: give a diffusers folder, an SDXL .safetensors file, or a hub id.")
     for tok, enc in zip(comps.tokenizers, comps.text_encoders):
