@@ -87,3 +87,23 @@ def test_convert_command_line_and_its_refusals(reference_lora, tmp_path, capsys)
     with pytest.raises(DCOError, match="already a kohya-format LoRA"):
         convert_lora(out, tmp_path / "again.safetensors")
     assert not (tmp_path / "again.safetensors").exists()
+
+
+def test_the_sampler_takes_a_reference_lora(reference_lora, tokenizer_dir):
+    """Our sampler's adapter loader used to refuse the reference's file; now it applies it, with the
+    same effect as the converted kohya file."""
+    from dco_train.sample import load_adapters
+    from dco_train.tiny import build_tiny_sdxl
+
+    src, _ = reference_lora
+    g = torch.Generator().manual_seed(0)
+    x, c, p = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 128, generator=g), torch.randn(1, 64, generator=g)
+    kw = dict(added_cond_kwargs={"text_embeds": p, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])})
+    outs = []
+    for lora in (None, src):
+        comps = build_tiny_sdxl(seed=0, tokenizer_dir=tokenizer_dir)
+        if lora is not None:
+            load_adapters(comps, [(lora, 1.0)])
+        with torch.no_grad():
+            outs.append(comps.unet(x, torch.tensor([500]), c, **kw).sample)
+    assert (outs[0] - outs[1]).abs().max() > 1e-3
