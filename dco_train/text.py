@@ -83,6 +83,10 @@ def encode_prompts(
     return PromptEmbeds(embeds, pooled)
 
 
+#: What a new token looks like in a prompt (`<dog>`): used to notice tokens no embeddings were loaded for.
+TOKEN_LIKE = re.compile(r"<[^<>\s()]+>")
+
+
 def token_pattern(tokens: Sequence[str]) -> "re.Pattern[str]":
     """Matches any of `tokens`, longest first; a token that begins or ends with a letter or digit
     (`sks`) only matches as a whole word, so `asks` is left alone. The ComfyUI token loader and the
