@@ -38,7 +38,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "heun": ("HeunDiscreteScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # as Stable Diffusion configures it
     "unipc": ("UniPCMultistepScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
@@ -72,7 +72,12 @@ def check_scheduler_name(name: str) -> None:
     import diffusers
 
     cls_name, _ = SCHEDULERS.get(name, (name, {}))
-    if not hasattr(getattr(diffusers, cls_name, None), "from_config"):
+    try:
+        cls = getattr(diffusers, cls_name, None)
+    except ImportError as exc:  # diffusers' dummy objects raise when an optional library (scipy) is missing
+        raise DCOError(f"The scheduler {name!r} needs a library that is not installed ({' '.join(str(exc).split())[:200]}); "
+                       "install it or choose another --scheduler.") from None
+    if not hasattr(cls, "from_config"):
         raise DCOError(f"Unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)} or a diffusers scheduler class name.")
 
 
@@ -80,11 +85,13 @@ def make_scheduler(name: str, config: Any):
     """A diffusers scheduler by short name (euler, dpmpp_2m, ...) or class name, on this model's schedule."""
     import diffusers
 
+    check_scheduler_name(name)
     cls_name, extra = SCHEDULERS.get(name, (name, {}))
-    cls = getattr(diffusers, cls_name, None)
-    if cls is None or not hasattr(cls, "from_config"):
-        raise DCOError(f"Unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)} or a diffusers scheduler class name.")
-    return cls.from_config({**dict(config), **extra})
+    try:
+        return getattr(diffusers, cls_name).from_config({**dict(config), **extra})
+    except ImportError as exc:
+        raise DCOError(f"The scheduler {name!r} needs a library that is not installed ({' '.join(str(exc).split())[:200]}); "
+                       "install it or choose another --scheduler.") from None
 
 
 @dataclass
