@@ -82,7 +82,8 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dco_train", description="DCO fine-tuning for SDXL.")
+    prog = "dco-train" if Path(sys.argv[0]).name.startswith("dco-train") else "python -m dco_train"
+    parser = argparse.ArgumentParser(prog=prog, description="DCO fine-tuning for SDXL.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_flags(sub.add_parser("train", help="Train a DCO LoRA (and tokens) on an SDXL."))
     add_sample_flags(sub.add_parser("sample", help="Sample with reward guidance."))
