@@ -71,7 +71,7 @@ def prepare_train(args: argparse.Namespace):
 def train_with_sigint(cfg: TrainConfig, comps: Any, run: Any):
     """Train; the first Ctrl-C stops after the current step (with a checkpoint), a second one stops
     at once (main() turns the KeyboardInterrupt into a message)."""
-    from .train import Callbacks, train
+    from .train import train
 
     stop = {"requested": False}
 

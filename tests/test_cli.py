@@ -121,7 +121,7 @@ def test_two_processes(tiny_model_dir, subject_dir, tmp_path):
 
     ck = load_checkpoint(out / "checkpoints/checkpoint-2")
     assert len(ck.rng) == 2 and not torch.equal(ck.rng[0], ck.rng[1])  # one generator per process
-    assert len([l for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]) == 3
+    assert len([line for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]) == 3
 
 
 def test_sample_command(tiny_model_dir, subject_dir, tmp_path):
