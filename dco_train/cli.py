@@ -33,6 +33,13 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def _tokens_arg(text: str) -> dict[str, str]:
+    try:
+        return parse_tokens(text)
+    except DCOError as exc:  # argparse would replace a ValueError's message with "invalid value"
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training settings (--preset changes some defaults; flags you give win)")
     defaults = TrainConfig()
@@ -49,7 +56,7 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
         elif ann.startswith("list"):
             kw["action"] = "append"
         elif ann.startswith("dict"):
-            kw["type"] = parse_tokens
+            kw["type"] = _tokens_arg
         else:
             kw["type"] = {"int": int, "float": float, "str": str}[ann.split("|")[0].strip()]
         group.add_argument(*names, **kw)
@@ -131,8 +138,11 @@ def _dispatch(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "tiny-model":
         return run_tiny_model(args)
     from .demo import run_demo
+    from .outputs import ensure_writable_folder
 
-    return run_demo(Path(args.output), steps=args.steps)
+    if args.steps < 1:
+        raise DCOError(f"--steps must be at least 1, not {args.steps}.")
+    return run_demo(ensure_writable_folder(Path(args.output), "--output"), steps=args.steps)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,3 +49,12 @@ def check_file(path: str | None, flag: str, suffix: str = ".safetensors") -> Non
         raise DCOError(f"{flag} {path} does not exist; give the path of a {suffix} file.{_did_you_mean(p)}")
     if p.suffix.lower() != suffix:
         raise DCOError(f"{flag} {path} is not a {suffix} file; give the {suffix} file the trainer wrote.")
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:  # reads only the header: a damaged or foreign file is named before the model loads
+            with safe_open(str(p), framework="pt") as fh:
+                fh.keys()
+        except Exception as exc:  # safetensors raises several types for a damaged file
+            raise DCOError(f"{flag} {path} is not a valid safetensors file ({type(exc).__name__}); give the "
+                           "file the trainer wrote, or write it again if it was cut short.") from None
