@@ -27,23 +27,12 @@ from .formats import LORA_PREFIXES, load_embeddings, load_lora
 from .lora import lora_disabled, refresh_layers
 from .models import SDXLComponents
 from .rg import cfg_mix, rg_mix
+from .schedulers import SCHEDULERS
 from .text import PromptEmbeds, encode_prompts, replace_tokens
 from .ti import TokenSet, install_embeddings
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # as Stable Diffusion configures it
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
-}
 
 
 @dataclass

@@ -30,7 +30,7 @@ def _lora_arg(text: str) -> tuple[str, float]:
 
 
 def add_sample_flags(p: argparse.ArgumentParser) -> None:
-    from .sample import SCHEDULERS
+    from .schedulers import SCHEDULERS
 
     p.add_argument("--pretrained_model_name_or_path", required=True, help="The base SDXL (folder, single file or hub id).")
     p.add_argument("--lora", action="append", default=[], type=_lora_arg, metavar="FILE[:WEIGHT]",
