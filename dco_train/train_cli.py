@@ -27,12 +27,15 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0  # set by accelerate launch / torchrun
 
 
-def _check_resume(output_dir: Path, spec: str | None) -> None:
+def _resumable(output_dir: Path, spec: str | None) -> str | None:
+    """`spec` when there is a checkpoint to resume from; None (said in a warning) when `latest` finds none."""
     from .checkpoint import resolve_resume
 
     if spec and resolve_resume(output_dir / "checkpoints", spec) is None:
         log.warning("--resume_from_checkpoint %s: %s holds no checkpoint yet, so training starts from step 0.",
                     spec, output_dir / "checkpoints")
+        return None
+    return spec
 
 
 def prepare_train(args: argparse.Namespace):
@@ -51,15 +54,14 @@ def prepare_train(args: argparse.Namespace):
     name = args.output_name
     lora_path = out / (f"{name}.safetensors" if name else DIFFUSERS_LORA_NAME)
     emb_path = out / (f"{name}_embeddings.safetensors" if name else EMBEDDINGS_NAME)
-    doomed = guard_run_folder(out, resume=args.resume_from_checkpoint, overwrite=args.overwrite,
-                              extra=[lora_path, emb_path])
-    _check_resume(out, args.resume_from_checkpoint)
+    resume = _resumable(out, args.resume_from_checkpoint)  # nothing to resume: the folder is guarded as usual
+    doomed = guard_run_folder(out, resume=resume, overwrite=args.overwrite, extra=[lora_path, emb_path])
     ensure_writable_folder(out)
     if doomed and _is_main_process():
         log.info("--overwrite: deleting the earlier run in %s (%s).", out, ", ".join(p.name for p in doomed))
         clear_run(doomed)
     run = RunOptions(
-        output_dir=out, resume=args.resume_from_checkpoint, lora_path=lora_path, embeddings_path=emb_path,
+        output_dir=out, resume=resume, lora_path=lora_path, embeddings_path=emb_path,
         save_precision=args.save_precision, log_with=None if args.report_to == "none" else args.report_to,
         progress_bar=not args.no_progress, cpu=args.cpu,
     )

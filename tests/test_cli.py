@@ -212,6 +212,8 @@ def test_output_folder_with_a_run_is_refused_unless_overwrite_or_resume(tiny_mod
     again = cli(*args)
     assert again.returncode == 2 and "already holds a run" in again.stderr and "--overwrite" in again.stderr
     assert Path(first["lora"]).read_bytes() == before
+    latest = cli(*args, "--resume_from_checkpoint", "latest")  # no checkpoint to resume: still guarded, and said
+    assert latest.returncode == 2 and "holds no checkpoint yet" in latest.stderr and "already holds a run" in latest.stderr
     bad = cli(*args, "--overwrite", f"--data_dir={tmp_path / 'missing'}")  # validated before anything is deleted
     assert bad.returncode == 2 and Path(first["lora"]).read_bytes() == before
     assert summary(cli(*args, "--overwrite", "--seed=3"))["step"] == 2
