@@ -160,3 +160,21 @@ def test_no_negative_prompt_means_zero_embeddings_like_diffusers(tiny, tokenizer
     assert explicit.embeds[:1].abs().max() > 0  # an explicit "" is encoded, as diffusers does
     zero = RGDenoiser(tiny, SampleSettings(prompt="a dog", cfg=5.0, rg=0.0, width=64, height=64)).conds
     assert not zero.embeds[:1].any() and zero.embeds[1:].abs().max() > 0
+
+
+def test_rg_grid_shows_each_tile_amplified_difference_from_rg0_and_a_caption():
+    import numpy as np
+    from PIL import Image
+
+    from dco_train.plot import difference_tiles, rg_comparison
+
+    base = np.full((32, 32, 3), 100, np.uint8)
+    moved = base.copy()
+    moved[4:8, 4:8] += 2  # two pixel values apart: invisible side by side
+    images = [Image.fromarray(base), Image.fromarray(base), Image.fromarray(moved)]
+    tiles, gain = difference_tiles(images)
+    assert gain == 255 / 2
+    assert np.asarray(tiles[0]).max() == 0 and np.asarray(tiles[1]).max() == 0
+    assert np.asarray(tiles[2])[5, 5].tolist() == [255, 255, 255] and np.asarray(tiles[2])[20, 20].max() == 0
+    grid = rg_comparison(images, ["rg 0", "rg 1.5", "rg 3"], '"a <obj>" with the subject LoRA alone')
+    assert grid.width == 96 and grid.height > 2 * 32  # caption, the images, the differences
