@@ -104,7 +104,8 @@ def run_demo(output: Path, steps: int = 40) -> dict[str, Any]:
     comps = build_tiny_sdxl(seed=0, tokenizer_dir=tok_dir)
     loaded = load_adapters(comps, [(runs["subject"].lora, 1.0)], runs["subject"].embeddings)
     rg_subject = output / "rg_subject.png"
-    _rg_grid(comps, "a photo of a <obj> on the beach", loaded.word_map, "the subject LoRA + <obj> tokens alone").save(rg_subject)
+    _rg_grid(comps, "a photo of a <obj> on the beach", loaded.word_map,
+             "the subject LoRA + <obj> tokens alone").save(rg_subject)
     merged = build_tiny_sdxl(seed=0, tokenizer_dir=tok_dir)
     loaded = load_adapters(merged, [(runs["subject"].lora, 1.0), (runs["style"].lora, 1.0)], runs["subject"].embeddings)
     rg_merge = output / "rg_subject_style.png"

@@ -25,19 +25,28 @@ def check_model_source(name: str, flag: str = "--pretrained_model_name_or_path")
     path = Path(os.path.expanduser(name))
     if path.is_dir():
         if not (path / "unet").is_dir():
-            raise DCOError(f"{flag} {name} is not a diffusers SDXL folder (it has no unet/ subfolder); "
-                           "give a diffusers SDXL folder or a single-file SDXL .safetensors.")
+            raise DCOError(
+                f"{flag} {name} is not a diffusers SDXL folder (it has no unet/ subfolder); "
+                "give a diffusers SDXL folder or a single-file SDXL .safetensors."
+            )
         return
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
             raise DCOError(f"{flag} {name}: only .safetensors single files are loaded (no pickled .ckpt or .bin).")
         return
     parts = name.split("/")
-    hub_like = (len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
-                and not Path(parts[0]).exists() and "\\" not in name)
+    hub_like = (
+        len(parts) == 2
+        and all(parts)
+        and not name.startswith((".", "/", "~"))
+        and not Path(parts[0]).exists()
+        and "\\" not in name
+    )
     if not hub_like:
-        raise DCOError(f"{flag} {name} does not exist (no such local folder or file, and it is not a hub id "
-                       f"such as stabilityai/stable-diffusion-xl-base-1.0).{_did_you_mean(path)}")
+        raise DCOError(
+            f"{flag} {name} does not exist (no such local folder or file, and it is not a hub id "
+            f"such as stabilityai/stable-diffusion-xl-base-1.0).{_did_you_mean(path)}"
+        )
 
 
 def check_file(path: str | None, flag: str, suffix: str = ".safetensors") -> None:
@@ -56,5 +65,7 @@ def check_file(path: str | None, flag: str, suffix: str = ".safetensors") -> Non
             with safe_open(str(p), framework="pt") as fh:
                 fh.keys()
         except Exception as exc:  # safetensors raises several types for a damaged file
-            raise DCOError(f"{flag} {path} is not a valid safetensors file ({type(exc).__name__}); give the "
-                           "file the trainer wrote, or write it again if it was cut short.") from None
+            raise DCOError(
+                f"{flag} {path} is not a valid safetensors file ({type(exc).__name__}); give the "
+                "file the trainer wrote, or write it again if it was cut short."
+            ) from None

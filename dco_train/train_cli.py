@@ -32,8 +32,11 @@ def _resumable(output_dir: Path, spec: str | None) -> str | None:
     from .checkpoint import resolve_resume
 
     if spec and resolve_resume(output_dir / "checkpoints", spec) is None:
-        log.warning("--resume_from_checkpoint %s: %s holds no checkpoint yet, so training starts from step 0.",
-                    spec, output_dir / "checkpoints")
+        log.warning(
+            "--resume_from_checkpoint %s: %s holds no checkpoint yet, so training starts from step 0.",
+            spec,
+            output_dir / "checkpoints",
+        )
         return None
     return spec
 
@@ -48,8 +51,10 @@ def prepare_train(args: argparse.Namespace):
     load_dataset_spec(cfg)  # the images exist, the captions parse and name the tokens
     check_model_source(args.pretrained_model_name_or_path)
     if args.tokenizer_dir and not Path(args.tokenizer_dir).is_dir():
-        raise DCOError(f"--tokenizer_dir {args.tokenizer_dir} is not a folder; give the folder with CLIP's "
-                       "vocab.json and merges.txt.")
+        raise DCOError(
+            f"--tokenizer_dir {args.tokenizer_dir} is not a folder; give the folder with CLIP's "
+            "vocab.json and merges.txt."
+        )
     out = Path(args.output_dir)
     name = args.output_name
     lora_path = out / (f"{name}.safetensors" if name else DIFFUSERS_LORA_NAME)
@@ -61,9 +66,14 @@ def prepare_train(args: argparse.Namespace):
         log.info("--overwrite: deleting the earlier run in %s (%s).", out, ", ".join(p.name for p in doomed))
         clear_run(doomed)
     run = RunOptions(
-        output_dir=out, resume=resume, lora_path=lora_path, embeddings_path=emb_path,
-        save_precision=args.save_precision, log_with=None if args.report_to == "none" else args.report_to,
-        progress_bar=not args.no_progress, cpu=args.cpu,
+        output_dir=out,
+        resume=resume,
+        lora_path=lora_path,
+        embeddings_path=emb_path,
+        save_precision=args.save_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        progress_bar=not args.no_progress,
+        cpu=args.cpu,
     )
     from .models import load_sdxl
 

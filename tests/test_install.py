@@ -16,11 +16,31 @@ from helpers import REPO
 def _venv_with_project(tmp_path: Path) -> Path:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    purelib = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                  capture_output=True, text=True, check=True).stdout.strip())
+    purelib = Path(
+        subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     (purelib / "host-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                           "-e", str(REPO)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-e",
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return venv
 
@@ -30,15 +50,24 @@ def test_editable_install_gives_both_entry_points_from_any_folder(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing but the install finds the package
-    script = subprocess.run([str(venv / "bin" / "dco-train"), "--help"], cwd=elsewhere, env=env, capture_output=True,
-                            text=True, timeout=120)
+    script = subprocess.run(
+        [str(venv / "bin" / "dco-train"), "--help"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120
+    )
     assert script.returncode == 0, script.stderr[-2000:]
     assert "usage: dco-train" in script.stdout and "tiny-model" in script.stdout
-    module = subprocess.run([str(venv / "bin" / "python"), "-m", "dco_train", "train", "--help"], cwd=elsewhere, env=env,
-                            capture_output=True, text=True, timeout=120)
+    module = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "dco_train", "train", "--help"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert module.returncode == 0, module.stderr[-2000:]
     assert "--pretrained_model_name_or_path" in module.stdout
-    top_level = next((venv / "lib").glob("python*/site-packages/dco_sdxl-*.dist-info/top_level.txt")).read_text().split()
+    top_level = (
+        next((venv / "lib").glob("python*/site-packages/dco_sdxl-*.dist-info/top_level.txt")).read_text().split()
+    )
     assert top_level == ["dco_train"]  # the ComfyUI entry file __init__.py is not installed as a package
 
 
