@@ -132,3 +132,49 @@ def test_previews_are_emitted_and_do_not_change_training(subject_dir, tmp_path, 
     assert all(torch.equal(a[k].up, b[k].up) and torch.equal(a[k].down, b[k].down) for k in a)
     assert [h["loss"] for h in with_p.history] == [h["loss"] for h in without.history]
     assert with_p.components.unet.training  # train mode restored
+
+
+@pytest.mark.parametrize("name", sorted(__import__("dco_train.sample", fromlist=["SCHEDULERS"]).SCHEDULERS))
+def test_every_scheduler_the_cli_offers_samples_with_rg(tiny, name):
+    import importlib.util
+
+    from dco_train.errors import DCOError
+
+    if name == "lms" and importlib.util.find_spec("scipy") is None:  # diffusers' LMS needs scipy
+        with pytest.raises(DCOError, match="'lms' needs a library that is not installed.*scipy"):
+            rg_sample(tiny, SampleSettings(prompt="a dog", steps=2, width=64, height=64, scheduler=name))
+        return
+    latents = rg_sample(tiny, SampleSettings(prompt="a dog", base_prompt="a toy", rg=3.0, steps=3, width=64, height=64,
+                                             scheduler=name), output_type="latent")
+    assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all()
+
+
+def test_no_negative_prompt_means_zero_embeddings_like_diffusers(tiny, tokenizer_dir):
+    s = SampleSettings(prompt="a dog", base_prompt="a toy", cfg=5.0, rg=3.0, width=64, height=64, num_images=2)
+    ref = RGDenoiser(tiny, s).ref
+    assert ref.embeds.shape[0] == 4 and not ref.embeds[:2].any() and not ref.pooled[:2].any()
+    pipe = build_tiny_sdxl(seed=0, tokenizer_dir=tokenizer_dir).pipeline()
+    _, neg, _, neg_pooled = pipe.encode_prompt("a dog", do_classifier_free_guidance=True)
+    assert not neg.any() and not neg_pooled.any()  # diffusers' SDXL convention (force_zeros_for_empty_prompt)
+    explicit = RGDenoiser(tiny, SampleSettings(prompt="a dog", negative_prompt="", cfg=5.0, rg=3.0, width=64, height=64)).ref
+    assert explicit.embeds[:1].abs().max() > 0  # an explicit "" is encoded, as diffusers does
+    zero = RGDenoiser(tiny, SampleSettings(prompt="a dog", cfg=5.0, rg=0.0, width=64, height=64)).conds
+    assert not zero.embeds[:1].any() and zero.embeds[1:].abs().max() > 0
+
+
+def test_rg_grid_shows_each_tile_amplified_difference_from_rg0_and_a_caption():
+    import numpy as np
+    from PIL import Image
+
+    from dco_train.plot import difference_tiles, rg_comparison
+
+    base = np.full((32, 32, 3), 100, np.uint8)
+    moved = base.copy()
+    moved[4:8, 4:8] += 2  # two pixel values apart: invisible side by side
+    images = [Image.fromarray(base), Image.fromarray(base), Image.fromarray(moved)]
+    tiles, gain = difference_tiles(images)
+    assert gain == 255 / 2
+    assert np.asarray(tiles[0]).max() == 0 and np.asarray(tiles[1]).max() == 0
+    assert np.asarray(tiles[2])[5, 5].tolist() == [255, 255, 255] and np.asarray(tiles[2])[20, 20].max() == 0
+    grid = rg_comparison(images, ["rg 0", "rg 1.5", "rg 3"], '"a <obj>" with the subject LoRA alone')
+    assert grid.width == 96 and grid.height > 2 * 32  # caption, the images, the differences
