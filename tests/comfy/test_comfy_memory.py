@@ -147,3 +147,50 @@ def test_control_a_held_reference_is_seen(folders, monkeypatch, drift_every):
     with watch.no_collector():
         run_node(model, clip, vae, **_inputs(folders))
         assert watch.alive() == ["unet"]
+
+
+# ------------------------------------------------------------------------------- frozen weights
+def _storages(module) -> set[int]:
+    return {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+
+def test_frozen_unet_shares_comfyuis_storage_when_dtype_and_device_match():
+    """fp32 training of an fp32 MODEL on the CPU: the engine's UNet is ComfyUI's weights, no copy,
+    yet ordinary tensors (not inference tensors), so backward can save them."""
+    with torch.inference_mode():
+        model = harness.build_model(seed=1)
+    comfy_storage = _storages(model.model.diffusion_model)
+    unet = convert.unet_from_model(model, torch.device("cpu"), torch.float32)
+    params = list(unet.parameters())
+    assert _storages(unet) <= comfy_storage
+    assert not any(p.is_inference() for p in params) and all(p.dtype == torch.float32 for p in params)
+
+
+def test_frozen_unet_is_cast_to_the_training_dtype():
+    with torch.inference_mode():
+        model = harness.build_model(seed=1)
+    comfy_storage = _storages(model.model.diffusion_model)
+    unet = convert.unet_from_model(model, torch.device("cpu"), torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in unet.parameters())
+    assert not (_storages(unet) & comfy_storage)  # a copy, in bf16 only: no fp32 copy beside ComfyUI's
+
+
+def test_a_lora_loaded_in_the_graph_is_baked_into_the_weights(tmp_path):
+    """A MODEL carrying a LoRA: the engine trains on base + LoRA, and ComfyUI's module keeps its
+    own base weights (bit-identical once ComfyUI unloads the patch)."""
+    import comfy.model_management as mm
+    import comfy.sd
+    import comfy.utils
+
+    with torch.inference_mode():
+        model = harness.build_model(seed=1)
+        path = harness.save_engine_lora(tmp_path / "l.safetensors", model, rank=4, alpha=4.0, seed=2)
+        model_ft, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(path)), 1.0, 0.0)
+    before = harness.model_hash(model)
+    plain = dict(convert.unet_from_model(model, torch.device("cpu"), torch.float32).named_parameters())
+    baked = dict(convert.unet_from_model(model_ft, torch.device("cpu"), torch.float32).named_parameters())
+    changed = [k for k in plain if not torch.equal(plain[k], baked[k])]
+    assert changed and all(k.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")) for k in changed)
+    assert len(changed) == len(harness.diffusers_attention_modules())
+    mm.unload_all_models()
+    assert harness.model_hash(model) == before
