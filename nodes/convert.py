@@ -1,13 +1,20 @@
 """A graph's MODEL / CLIP / VAE as the engine's diffusers/transformers components.
 
-The weights go through the engine's one SGM -> diffusers path (`dco_train.sgm`), then every
-parameter is copied once onto the training device as an ordinary tensor
-(research/feasibility.md probes 2 and 3):
+The weights go through the engine's one SGM -> diffusers path (`dco_train.sgm`); then every
+parameter becomes an ordinary tensor on the training device in the training dtype
+(research/feasibility.md probes 2 and 3), with as few copies as the step needs:
 - ComfyUI loads weights under `torch.inference_mode()`; such tensors cannot be saved for
-  backward, and `p.data = ...` or `.to()` does not fix that. A fresh `nn.Parameter` does.
-- The copy is read from ComfyUI's offloaded (CPU) weights after `unload_all_models()`, so the GPU
-  never holds two UNets. When the MODEL/CLIP carries patches (a LoRA loaded earlier in the graph),
-  it is fully loaded first so the patches are baked into what we read, then unloaded again.
+  backward, and `p.data = ...` or `.to()` does not fix that. A fresh, ordinary tensor does: one
+  that shares ComfyUI's storage (`Tensor.set_` outside inference mode) where the weight is
+  already on the training device in the training dtype, else a copy in that dtype, made one
+  tensor at a time so the source of each is freed as it goes.
+- The MODEL/CLIP is loaded by ComfyUI first (`load_models_gpu`, fully), so the module holds this
+  patcher's weights with its patches (a LoRA loaded earlier in the graph) baked in, and no other
+  clone's. Baked weights are new tensors that ComfyUI's unpatching replaces, never overwrites.
+- No second device copy: before copies are made on a GPU, this model alone is moved to ComfyUI's
+  offload device, and only as much memory as the copies need is freed (`free_memory`), so other
+  loaded models stay. (With `--gpu-only` the offload device is the GPU itself; a dtype change
+  there, fp16 weights for bf16 training, keeps ComfyUI's copy beside ours.)
 - Nothing is written to ComfyUI's modules: the graph's model is bit-identical afterwards.
 """
 
@@ -27,35 +34,65 @@ from ..dco_train.text import fix_eos_pooling
 log = logging.getLogger(__name__)
 
 
+def _trainable(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """An ordinary tensor with `t`'s values on `device` in `dtype`: `t`'s own storage when nothing
+    changes (no copy), else a copy. Call outside inference mode."""
+    target = dtype if dtype is not None and t.is_floating_point() else t.dtype
+    if t.device == device and t.dtype == target:
+        out = torch.empty(0, dtype=t.dtype, device=t.device)
+        return out.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+    return t.detach().to(device=device, dtype=target, copy=True)
+
+
 def materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Replace every parameter and buffer by a fresh, ordinary copy on `device` (in `dtype`)."""
+    """Replace every parameter and buffer by an ordinary tensor on `device` (in `dtype`), sharing
+    storage where neither changes; each old tensor is released as its replacement is made."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     with torch.inference_mode(False):
         for m in module.modules():
             for name, p in list(m._parameters.items()):
                 if p is not None:
-                    target = dtype if dtype is not None and p.is_floating_point() else p.dtype
-                    m._parameters[name] = torch.nn.Parameter(
-                        p.detach().to(device=device, dtype=target, copy=True), requires_grad=False
-                    )
+                    m._parameters[name] = torch.nn.Parameter(_trainable(p.detach(), device, dtype), requires_grad=False)
             for name, b in list(m._buffers.items()):
                 if b is not None:
-                    m._buffers[name] = b.detach().to(device=device, copy=True)
+                    m._buffers[name] = _trainable(b.detach(), device, None)
     return module
 
 
-def _read_weights(patcher: Any, read: Any) -> Any:
-    """`read()` the module's state dict with the patcher's patches applied (if it has any)."""
+def _copy_bytes(sd: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype | None) -> int:
+    """How many bytes `materialize` will allocate on `device` for `sd` (what it cannot share)."""
+    total = 0
+    for t in sd.values():
+        target = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        if t.device != device or t.dtype != target:
+            total += t.numel() * torch.empty((), dtype=target).element_size()
+    return total
+
+
+def _unload_only(patcher: Any) -> None:
+    """Move this one model to ComfyUI's offload device. ComfyUI has no call for one model:
+    `free_memory` unloads every loaded model on the device except those in `keep_loaded`."""
     import comfy.model_management as mm
 
-    mm.unload_all_models()
-    mm.soft_empty_cache()
-    if not patcher.patches:
-        return read()
+    others = [lm for lm in mm.current_loaded_models if lm.model is not patcher]
+    mm.free_memory(1e30, patcher.load_device, keep_loaded=others)
+
+
+def _read_weights(patcher: Any, read: Any, device: torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The module's state dict with this patcher's patches applied, as tensors ComfyUI holds (not
+    copied); when copies will be made on a GPU, the model first leaves it and room is made."""
+    import comfy.model_management as mm
+
     mm.load_models_gpu([patcher], force_full_load=True)
-    try:
-        return {k: v.detach().to("cpu", copy=True) for k, v in read().items()}
-    finally:
-        mm.unload_all_models()
+    sd = dict(read())
+    if device.type == "cuda":
+        needed = _copy_bytes(sd, device, dtype)
+        if needed:
+            _unload_only(patcher)
+            mm.free_memory(needed, device)
+    return sd
 
 
 def check_sdxl(model: Any) -> None:
@@ -74,9 +111,10 @@ def unet_from_model(model: Any, device: torch.device, dtype: torch.dtype | None 
     check_sdxl(model)
     config = model.model.model_config.unet_config
     diffusion_model = model.model.diffusion_model
-    sd = _read_weights(model, diffusion_model.state_dict)
+    sd = _read_weights(model, diffusion_model.state_dict, device, dtype)
     with torch.inference_mode():  # ComfyUI's weights are inference tensors; only here may they be assigned
         unet = unet_from_sgm(sd, prefix="", num_head_channels=int(config.get("num_head_channels", 64)))
+    del sd  # the module holds the only references now: each is freed as materialize replaces it
     return materialize(unet, device, dtype)
 
 
@@ -116,18 +154,19 @@ def text_encoders_from_clip(clip: Any, device: torch.device, dtype: torch.dtype 
             f"The CLIP is a {type(cond).__name__}, not SDXL's pair of text encoders (clip_l + clip_g); connect the "
             "CLIP output of an SDXL checkpoint."
         )
-    sd = _read_weights(clip.patcher, cond.state_dict)
+    sd = _read_weights(clip.patcher, cond.state_dict, device, dtype)
     encoders = []
     for name, projection in (("clip_l", False), ("clip_g", True)):
         text_model = getattr(cond, name).transformer.text_model
         layer = text_model.encoder.layers[0]
         prefix = f"{name}.transformer."
-        state = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        state = {k[len(prefix):]: sd.pop(k) for k in list(sd) if k.startswith(prefix)}
         with torch.inference_mode():
             module = clip_from_hf(
                 state, hidden_act=_activation_name(layer.mlp.activation), eos_token_id=int(text_model.eos_token_id),
                 projection=projection, num_heads=int(layer.self_attn.heads), what=f"{name} text encoder",
             )
+        del state
         encoders.append(materialize(module, device, dtype))
     folder = tokenizer_folder()
     tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
