@@ -1,4 +1,4 @@
-"""`python -m dco_train {train,sample,demo,tiny-model}` (or `dco-train ...` once installed); also under
+"""`python -m dco_train {train,sample,demo,tiny-model,convert}` (or `dco-train ...` once installed); also under
 `accelerate launch -m dco_train train ...`.
 
 The train flags are built from `TrainConfig`'s fields (their help text and the reference script's

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import DCOError
-from .formats import LORA_PREFIXES, load_embeddings, load_lora
+from .formats import LORA_PREFIXES, check_lora_shapes, load_embeddings, load_lora
 from .lora import lora_disabled, refresh_layers
 from .models import SDXLComponents
 from .rg import cfg_mix, rg_mix
@@ -124,6 +124,7 @@ def load_adapters(
                     f"(e.g. {unknown[0]}); the LoRA was made for another architecture."
                 )
             targets = {table[k]: m for k, m in modules.items()}
+            check_lora_shapes(Path(path).name, component, {n: (m, model.get_submodule(n)) for n, m in targets.items()})
             config = LoraConfig(
                 r=max(m.rank for m in targets.values()), lora_alpha=1.0, target_modules=list(targets),
                 rank_pattern={f"^{k}$".replace(".", r"\."): m.rank for k, m in targets.items()},

@@ -178,3 +178,19 @@ def test_rg_grid_shows_each_tile_amplified_difference_from_rg0_and_a_caption():
     assert np.asarray(tiles[2])[5, 5].tolist() == [255, 255, 255] and np.asarray(tiles[2])[20, 20].max() == 0
     grid = rg_comparison(images, ["rg 0", "rg 1.5", "rg 3"], '"a <obj>" with the subject LoRA alone')
     assert grid.width == 96 and grid.height > 2 * 32  # caption, the images, the differences
+
+
+def test_a_lora_with_matching_names_but_other_widths_is_refused_by_name(tiny, tmp_path):
+    """A LoRA made for another model of the same layout: names match, widths do not."""
+    from dco_train.errors import DCOError
+    from dco_train.formats import save_lora
+    from dco_train.lora import lora_state_dict
+
+    other = build_tiny_sdxl(seed=1)
+    add_lora(other.unet, 4, 4.0, UNET_TARGETS, seed=0)
+    state = lora_state_dict(other.unet)
+    name = next(k for k in state if "lora_A" in k and "attn1.to_q" in k)
+    state[name] = torch.zeros(4, state[name].shape[1] + 3)  # the input width of another model
+    path = save_lora(tmp_path / "other.safetensors", {"unet": state}, {"unet": 4.0})
+    with pytest.raises(DCOError, match=r"other\.safetensors.*another model"):
+        load_adapters(tiny, [(path, 1.0)])
