@@ -56,7 +56,7 @@ def test_drift_is_zero_at_step_zero_and_positive_after_training(tiny, subject_di
     assert drift[0]["drift"] == 0.0
     assert drift[-1]["drift"] > 0 and all(h["fit"] > 0 for h in drift)
     assert all(h["drift_s"] > 0 for h in drift[1:])  # the meter reports what it cost
-    rows = [json.loads(l) for l in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
     assert rows == res.history
 
 
