@@ -116,6 +116,7 @@ WIDGET_FIELDS = {
     "mixed_precision": "mixed_precision", "gradient_checkpointing": "gradient_checkpointing",
     "use_8bit_adam": "use_8bit_adam", "checkpoint_every": "checkpointing_steps", "validation_every": "validation_every",
 }
+MIXED_PRECISION_OPTIONS = ("auto", "bf16", "fp16", "no")
 PRESET_CHOSEN = {"steps": 0, "rank": 0, "offset_noise": -1.0}
 # TrainConfig's 0 means "never"; the node renders previews only once a validation_prompt is typed
 NODE_DEFAULTS = {"validation_every": 250}
@@ -359,7 +360,7 @@ class DCOTrainer(io.ComfyNode):
                                tooltip="Offset-noise strength; -1 = the preset's (0 subject, 0.1 style)."),
                 io.Int.Input("seed", default=widget_default("seed"), min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of data order, noise and timesteps (runs are reproducible)."),
-                io.Combo.Input("mixed_precision", options=["auto", "bf16", "fp16", "no"],
+                io.Combo.Input("mixed_precision", options=list(MIXED_PRECISION_OPTIONS),
                                default=widget_default("mixed_precision"),
                                tooltip="auto = bf16 where the GPU has it, else fp16; no = fp32 (needed on the CPU)."),
                 io.Boolean.Input("gradient_checkpointing",
@@ -393,13 +394,17 @@ class DCOTrainer(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, dataset_dir: str | None = None, preset: str | None = None, tokens: str | None = None,
                         output_name: str | None = None, overwrite: bool | None = None,
-                        resume: str | None = None) -> bool | str:
+                        resume: str | None = None, mixed_precision: str | None = None) -> bool | str:
         """Refuse a request that cannot train before anything loads.
 
         The inputs are named (no **kwargs): ComfyUI attaches the message to each input this takes
-        and range-checks only the inputs it does not take.
+        and range-checks only the inputs it does not take. The combos are all taken, because
+        ComfyUI v0.3.64 checks the options of V1 combos only, never a V3 node's.
         """
         try:
+            if mixed_precision is not None and mixed_precision not in MIXED_PRECISION_OPTIONS:
+                raise DCOError(f"mixed_precision {mixed_precision!r} is not an option; choose one of "
+                               f"{', '.join(MIXED_PRECISION_OPTIONS)}.")
             check_request(dataset_dir, preset, tokens, output_name, overwrite, resume)
         except DCOError as exc:
             return str(exc)

@@ -32,7 +32,7 @@ formats = harness.pack_module("dco_train.formats")
 DCOError = harness.pack_module("dco_train.errors").DCOError
 
 SECONDS = 30.0  # each case must answer well inside this (validation cases inside 5 s)
-VALIDATED = ("dataset_dir", "preset", "tokens", "output_name", "overwrite", "resume")  # validate_inputs' arguments
+VALIDATED = ("dataset_dir", "preset", "tokens", "output_name", "overwrite", "resume", "mixed_precision")  # validate_inputs' arguments
 
 
 def assert_clean_message(text: str) -> None:
@@ -117,7 +117,8 @@ VALIDATION_CASES = [
     ("seed_negative", {"seed": -1}, "seed", r"smaller than min of 0"),
     ("steps_negative", {"steps": -5}, "steps", r"smaller than min of 0"),
     ("learning_rate_huge", {"learning_rate": 1.0}, "learning_rate", r"bigger than max"),
-    ("mixed_precision_bogus", {"mixed_precision": "fp8"}, "mixed_precision", r"'fp8' not in"),
+    ("mixed_precision_bogus", {"mixed_precision": "fp8"}, "mixed_precision",
+     r"mixed_precision 'fp8' is not an option; choose one of auto, bf16, fp16, no"),
     ("resume_bogus", {"resume": "newest"}, "resume", r"resume 'newest' is not an option; choose off or latest"),
     ("subject_without_tokens", {"tokens": ""}, "tokens", r"tokens is empty, but the subject preset .* <dog>=dog"),
     ("tokens_malformed", {"tokens": "=toy"}, "tokens", r"Cannot read the token entry '=toy'; write it as <token>=word"),
