@@ -49,8 +49,7 @@ def main() -> None:
     comfy.utils.set_progress_bar_global_hook(lambda *a, **k: None)  # a server's hook, minus the socket
     folder_paths.set_output_directory(str(tmp / "output"))
     inputs = node_inputs(dataset, steps=args.steps, resolution=args.resolution, checkpoint_every=0)
-    cfg = trainer.build_config("subject", dataset, "", inputs["tokens"], args.steps, inputs["rank"], inputs["learning_rate"],
-                               inputs["text_encoder_lr"], 1000.0, args.resolution, 1, -1.0, 0, "no", False, False, 0, "", 0)
+    cfg = trainer.build_config(dataset, **{**inputs, "mixed_precision": "no", "validation_every": 0})
     cfg.drift_every = 0
     spec = data_mod.load_dataset_spec(cfg)
 

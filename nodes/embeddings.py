@@ -23,7 +23,7 @@ from comfy_api.latest import io
 
 from ..dco_train.errors import DCOError
 from ..dco_train.formats import EMBED_KEYS, TokenEmbeddings, load_embeddings
-from ..dco_train.text import replace_tokens
+from ..dco_train.text import replace_tokens, token_pattern
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,8 @@ def rewrite_tokens(text: str, tokens: list[str]) -> str:
     """Put ComfyUI's embedding syntax around every literal occurrence of a token."""
     if not tokens:
         return text
-    parts = []
-    for token in sorted(tokens, key=len, reverse=True):
-        left = r"(?<![\w])" if re.match(r"\w", token[0]) else ""
-        right = r"(?![\w])" if re.match(r"\w", token[-1]) else ""
-        parts.append(left + re.escape(token) + right)
-    pattern = re.compile(r"(?<!embedding:)(?:" + "|".join(parts) + ")")
+    # the engine's token rule (dco_train.text), not yet inside an `embedding:` of ComfyUI's syntax
+    pattern = re.compile(r"(?<!embedding:)(?:" + token_pattern(tokens).pattern + ")")
     return pattern.sub(lambda m: f" embedding:{m.group(0)} ", text)
 
 

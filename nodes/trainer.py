@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -33,65 +34,130 @@ RECIPES = {"subject": TrainConfig.subject(tokens={"<dog>": "dog"}), "style": Tra
 DEFAULT = RECIPES["subject"]
 
 
-def require_engine() -> None:
-    """A clear message instead of an ImportError deep inside training."""
-    import importlib.util
+ENGINE_PACKAGES = ("diffusers", "transformers", "peft", "accelerate", "safetensors")
+INSTALL_HINT = "pip install -r custom_nodes/ComfyUI-DCO/requirements.txt"
 
-    missing = [m for m in ("diffusers", "transformers", "peft", "accelerate", "safetensors")
-               if importlib.util.find_spec(m) is None]
-    if missing:
+
+def require_engine() -> None:
+    """A clear message instead of an import chain deep inside training.
+
+    Each package is imported, not only looked up: a broken install (a peft that raises on import
+    because it does not match the installed transformers, say) fails with any exception, not only
+    ImportError, and the user needs the package's name and the error, not diffusers' import chain.
+    """
+    import importlib
+
+    problems = []
+    for name in ENGINE_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            if getattr(exc, "name", None) == name:
+                problems.append(f"{name} is not installed")
+            else:
+                problems.append(f"{name} does not import ({type(exc).__name__}: {exc})")
+        except Exception as exc:  # noqa: BLE001 - a broken install raises anything at import time
+            problems.append(f"{name} does not import ({type(exc).__name__}: {exc})")
+    if problems:
         raise DCOError(
-            f"DCO training needs {', '.join(missing)}; install the pack's requirements into ComfyUI's Python: "
-            "pip install -r custom_nodes/ComfyUI-DCO/requirements.txt"
+            f"DCO training needs {', '.join(ENGINE_PACKAGES)}, but {'; '.join(problems)}. Install or repair the "
+            f"pack's requirements in ComfyUI's Python ({INSTALL_HINT}, or pip install --force-reinstall "
+            "the package named) and restart ComfyUI."
         )
 
 
+# Names Windows reserves for devices, with or without an extension, in any case, and the characters
+# it forbids in a file name: refused on every system so that a shared workflow behaves the same.
+WINDOWS_RESERVED = frozenset({"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
+                              *(f"lpt{i}" for i in range(1, 10))})
+WINDOWS_FORBIDDEN = re.compile(r'[<>:"|?*\x00-\x1f]')
+
+
+def check_portable_name(name: str, field: str = "output_name") -> None:
+    """Refuse a name that Windows cannot store, whatever system runs ComfyUI now."""
+    for part in re.split(r"[\\/]", name):
+        if part.strip() in ("", ".", ".."):  # safe_output_path refuses these with its own message
+            continue
+        bad = sorted(set(WINDOWS_FORBIDDEN.findall(part)))
+        if bad:
+            shown = " ".join(repr(c) for c in bad)
+            raise DCOError(f"{field} {name!r} contains {shown}, which Windows does not allow in a file name; "
+                           "use letters, digits, '-' and '_'.")
+        if part.endswith((".", " ")):
+            raise DCOError(f"{field} {name!r} ends a name with a dot or a space, which Windows drops; remove it.")
+        if part.split(".")[0].strip().lower() in WINDOWS_RESERVED:
+            raise DCOError(f"{field} {name!r} uses {part!r}, a device name that Windows reserves (con, prn, aux, "
+                           f"nul, com1-com9, lpt1-lpt9); choose another name, such as {part.split('.')[0]}_lora.")
+
+
 def resolve_dataset(dataset_dir: str) -> Path:
-    """An absolute path, or a path relative to ComfyUI's input folder."""
+    """An absolute path, or a path relative to ComfyUI's input folder: a folder or a .json file."""
     import folder_paths
 
     if not dataset_dir or not dataset_dir.strip():
         raise DCOError("dataset_dir is empty; give a folder of images with .txt captions, or a config.json.")
-    path = Path(os.path.expanduser(dataset_dir.strip()))
+    path = Path(dataset_dir.strip()).expanduser()
     if not path.is_absolute():
         path = Path(folder_paths.get_input_directory()) / path
     if not path.exists():
         raise DCOError(f"The dataset {path} does not exist; give an absolute path or a folder inside ComfyUI's input folder.")
+    if path.is_file() and path.suffix.lower() != ".json":
+        raise DCOError(f"dataset_dir {path} is a file; give a folder of images with .txt captions or a config.json.")
     return path
 
 
-def build_config(preset: str, dataset: Path, config_name: str, tokens: str, steps: int, rank: int,
-                 learning_rate: float, text_encoder_lr: float, beta: float, resolution: int, batch_size: int,
-                 offset_noise: float, seed: int, mixed_precision: str, gradient_checkpointing: bool,
-                 use_8bit_adam: bool, checkpoint_every: int, validation_prompt: str, validation_every: int) -> TrainConfig:
-    """The engine config from the node's widgets (0 / -1 mean "the preset's value")."""
+# The one map from the node's widgets (ids that saved workflows use) to TrainConfig fields. A widget's
+# default is TrainConfig's subject recipe, except the PRESET_CHOSEN ones, whose value up to the
+# sentinel means "the preset's value", and NODE_DEFAULTS, where the node differs on purpose.
+WIDGET_FIELDS = {
+    "steps": "max_train_steps", "rank": "rank", "learning_rate": "learning_rate",
+    "text_encoder_lr": "text_encoder_lr", "beta": "dco_beta", "resolution": "resolution",
+    "batch_size": "train_batch_size", "offset_noise": "offset_noise", "seed": "seed",
+    "mixed_precision": "mixed_precision", "gradient_checkpointing": "gradient_checkpointing",
+    "use_8bit_adam": "use_8bit_adam", "checkpoint_every": "checkpointing_steps", "validation_every": "validation_every",
+}
+MIXED_PRECISION_OPTIONS = ("auto", "bf16", "fp16", "no")
+PRESET_CHOSEN = {"steps": 0, "rank": 0, "offset_noise": -1.0}
+# TrainConfig's 0 means "never"; the node renders previews only once a validation_prompt is typed
+NODE_DEFAULTS = {"validation_every": 250}
+
+
+def widget_default(widget: str) -> Any:
+    """The default of a config widget, from the table above and TrainConfig."""
+    if widget in PRESET_CHOSEN:
+        return PRESET_CHOSEN[widget]
+    if widget in NODE_DEFAULTS:
+        return NODE_DEFAULTS[widget]
+    return getattr(DEFAULT, WIDGET_FIELDS[widget])
+
+
+def build_config(dataset: Path, preset: str = "subject", tokens: str = "", config_name: str = "",
+                 validation_prompt: str = "", **widgets: Any) -> TrainConfig:
+    """The engine config from the node's widgets (see WIDGET_FIELDS); other node inputs are ignored."""
     token_map = parse_tokens(tokens)
-    data = {"config_dir": str(dataset), "config_name": config_name or None} if dataset.is_file() else {"data_dir": str(dataset)}
-    overrides: dict[str, Any] = dict(
-        **data, tokens=token_map, train_text_encoder_ti=bool(token_map), learning_rate=learning_rate,
-        text_encoder_lr=text_encoder_lr, dco_beta=beta, resolution=resolution, train_batch_size=batch_size,
-        seed=seed, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-        use_8bit_adam=use_8bit_adam, checkpointing_steps=checkpoint_every,
-        validation_prompts=[validation_prompt.strip()] if validation_prompt and validation_prompt.strip() else [],
-        validation_every=validation_every,
+    overrides: dict[str, Any] = (
+        {"config_dir": str(dataset), "config_name": config_name or None} if dataset.is_file() else {"data_dir": str(dataset)}
     )
-    if steps > 0:
-        overrides["max_train_steps"] = steps
-    if rank > 0:
-        overrides["rank"] = rank
-    if offset_noise >= 0:
-        overrides["offset_noise"] = offset_noise
-    if dataset.is_file() and not token_map:
-        overrides.pop("train_text_encoder_ti")  # a config.json may name its own tokens
-        overrides.pop("tokens")
+    if token_map or not dataset.is_file():  # a config.json may name its own tokens
+        overrides.update(tokens=token_map, train_text_encoder_ti=bool(token_map))
+    else:
         overrides["train_text_encoder_ti"] = preset == "subject"
+    prompt = (validation_prompt or "").strip()
+    overrides["validation_prompts"] = [prompt] if prompt else []
+    for widget, value in widgets.items():
+        if widget not in WIDGET_FIELDS or (widget in PRESET_CHOSEN and value <= PRESET_CHOSEN[widget]):
+            continue
+        overrides[WIDGET_FIELDS[widget]] = value
     return TrainConfig.preset_named(preset, **overrides)
 
 
-def plan_outputs(output_name: str, overwrite: bool, resume: str, needs_embeddings: bool) -> dict[str, Any]:
-    """Where the files go, refusing names that escape their folder or overwrite without leave."""
+def plan_outputs(output_name: str, overwrite: bool, resume: str, needs_embeddings: bool,
+                 clear: bool = True) -> dict[str, Any]:
+    """Where the files go, refusing names that escape their folder, that Windows cannot store, or
+    that overwrite without leave. `clear=False` only checks (validation must not delete a run)."""
     import folder_paths
 
+    check_portable_name(output_name)
     lora = safe_output_path(folder_paths.get_folder_paths("loras")[0], output_name, overwrite=overwrite)
     emb = safe_output_path(folder_paths.get_folder_paths("embeddings")[0], output_name, overwrite=overwrite) \
         if needs_embeddings else None
@@ -104,8 +170,32 @@ def plan_outputs(output_name: str, overwrite: bool, resume: str, needs_embedding
                 f"{run_dir} holds checkpoints of an earlier '{output_name}' run; set resume to latest to continue it, "
                 "or turn on overwrite to start over (its checkpoints are deleted)."
             )
-        shutil.rmtree(run_dir)
+        if clear:
+            shutil.rmtree(run_dir)
     return {"lora": lora, "embeddings": emb, "run_dir": run_dir}
+
+
+def check_request(dataset_dir: str | None, preset: str | None, tokens: str | None, output_name: str | None,
+                  overwrite: bool | None, resume: str | None) -> None:
+    """Everything about the request that can be known before a model loads.
+
+    A value is None when it arrives through a link, which ComfyUI does not resolve at validation;
+    the check that needs it runs again in `execute`. Validation skips ComfyUI's own option checks for
+    the inputs it takes, so the combos taken here are checked here.
+    """
+    if preset is not None and preset not in RECIPES:
+        raise DCOError(f"preset {preset!r} is not a recipe; choose one of {', '.join(RECIPES)}.")
+    if resume is not None and resume not in ("off", "latest"):
+        raise DCOError(f"resume {resume!r} is not an option; choose off or latest.")
+    token_map = parse_tokens(tokens) if tokens is not None else None
+    dataset = resolve_dataset(dataset_dir) if dataset_dir is not None else None
+    is_config = dataset is not None and dataset.is_file()
+    if preset == "subject" and token_map == {} and dataset is not None and not is_config:
+        raise DCOError("tokens is empty, but the subject preset learns new tokens that the captions contain; give "
+                       "them as <dog>=dog (token=starting word), or choose the style preset.")
+    if output_name is not None:
+        needs_embeddings = bool(token_map) or (preset == "subject" and token_map is None)
+        plan_outputs(output_name, bool(overwrite), resume or "off", needs_embeddings, clear=False)
 
 
 def _relative(path: Path | None, kind: str) -> str:
@@ -223,7 +313,6 @@ def train_in_graph(model: Any, clip: Any, vae: Any, cfg: TrainConfig, plan: dict
 class DCOTrainer(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        d = DEFAULT
         return io.Schema(
             node_id="DCOTrainer",
             display_name="DCO Trainer (SDXL LoRA + tokens)",
@@ -253,37 +342,39 @@ class DCOTrainer(io.ComfyNode):
                                 tooltip="File name in models/loras and models/embeddings (no folders outside them)."),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Allow replacing existing files and earlier checkpoints of this name."),
-                io.Int.Input("steps", default=0, min=0, max=100000,
+                io.Int.Input("steps", default=widget_default("steps"), min=0, max=100000,
                              tooltip="Training steps; 0 = the preset's (2000 subject, 1000 style)."),
-                io.Int.Input("rank", default=0, min=0, max=256,
+                io.Int.Input("rank", default=widget_default("rank"), min=0, max=256,
                              tooltip="LoRA rank; 0 = the preset's (32 subject, 64 style)."),
-                io.Float.Input("learning_rate", default=d.learning_rate, min=1e-7, max=1e-2, step=1e-6,
+                io.Float.Input("learning_rate", default=widget_default("learning_rate"), min=1e-7, max=1e-2, step=1e-6,
                                tooltip="UNet LoRA learning rate (5e-5 in both recipes)."),
-                io.Float.Input("text_encoder_lr", default=d.text_encoder_lr, min=1e-8, max=1e-2, step=1e-7,
+                io.Float.Input("text_encoder_lr", default=widget_default("text_encoder_lr"), min=1e-8, max=1e-2, step=1e-7,
                                tooltip="Learning rate of the token rows (5e-6)."),
-                io.Float.Input("beta", default=d.dco_beta, min=-1.0, max=100000.0, step=10.0,
+                io.Float.Input("beta", default=widget_default("beta"), min=-1.0, max=100000.0, step=10.0,
                                tooltip="DCO beta: 1000-2000 keep the model close to the base; 0 or less trains the "
                                        "plain DreamBooth-LoRA loss."),
-                io.Int.Input("resolution", default=d.resolution, min=64, max=4096, step=64,
+                io.Int.Input("resolution", default=widget_default("resolution"), min=64, max=4096, step=64,
                              tooltip="Training resolution in pixels (images are resized and centre-cropped)."),
-                io.Int.Input("batch_size", default=d.train_batch_size, min=1, max=64, tooltip="Images per step."),
-                io.Float.Input("offset_noise", default=-1.0, min=-1.0, max=1.0, step=0.01,
+                io.Int.Input("batch_size", default=widget_default("batch_size"), min=1, max=64, tooltip="Images per step."),
+                io.Float.Input("offset_noise", default=widget_default("offset_noise"), min=-1.0, max=1.0, step=0.01,
                                tooltip="Offset-noise strength; -1 = the preset's (0 subject, 0.1 style)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                io.Int.Input("seed", default=widget_default("seed"), min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of data order, noise and timesteps (runs are reproducible)."),
-                io.Combo.Input("mixed_precision", options=["auto", "bf16", "fp16", "no"], default="auto",
+                io.Combo.Input("mixed_precision", options=list(MIXED_PRECISION_OPTIONS),
+                               default=widget_default("mixed_precision"),
                                tooltip="auto = bf16 where the GPU has it, else fp16; no = fp32 (needed on the CPU)."),
-                io.Boolean.Input("gradient_checkpointing", default=False,
+                io.Boolean.Input("gradient_checkpointing",
+                                 default=widget_default("gradient_checkpointing"),
                                  tooltip="Less VRAM for more time (about 30% slower)."),
-                io.Boolean.Input("use_8bit_adam", default=False,
+                io.Boolean.Input("use_8bit_adam", default=widget_default("use_8bit_adam"),
                                  tooltip="8-bit AdamW from bitsandbytes (must be installed): less optimizer memory."),
-                io.Int.Input("checkpoint_every", default=d.checkpointing_steps, min=0, max=100000,
+                io.Int.Input("checkpoint_every", default=widget_default("checkpoint_every"), min=0, max=100000,
                              tooltip="Save a resumable checkpoint every N steps (0 = only when cancelled)."),
                 io.Combo.Input("resume", options=["off", "latest"], default="off",
                                tooltip="latest = continue the newest checkpoint of this output_name exactly."),
                 io.String.Input("validation_prompt", default="", optional=True, multiline=True,
                                 tooltip="Optional prompt (with tokens) rendered with reward guidance as a preview."),
-                io.Int.Input("validation_every", default=250, min=0, max=100000, optional=True,
+                io.Int.Input("validation_every", default=widget_default("validation_every"), min=0, max=100000, optional=True,
                              tooltip="Render the preview every N steps (0 = never)."),
             ],
             outputs=[
@@ -301,13 +392,20 @@ class DCOTrainer(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, output_name: str = "", dataset_dir: str = "", **kwargs: Any) -> bool | str:
-        import folder_paths
+    def validate_inputs(cls, dataset_dir: str | None = None, preset: str | None = None, tokens: str | None = None,
+                        output_name: str | None = None, overwrite: bool | None = None,
+                        resume: str | None = None, mixed_precision: str | None = None) -> bool | str:
+        """Refuse a request that cannot train before anything loads.
 
+        The inputs are named (no **kwargs): ComfyUI attaches the message to each input this takes
+        and range-checks only the inputs it does not take. The combos are all taken, because
+        ComfyUI v0.3.64 checks the options of V1 combos only, never a V3 node's.
+        """
         try:
-            safe_output_path(folder_paths.get_folder_paths("loras")[0], output_name, overwrite=True)
-            if dataset_dir:
-                resolve_dataset(dataset_dir)
+            if mixed_precision is not None and mixed_precision not in MIXED_PRECISION_OPTIONS:
+                raise DCOError(f"mixed_precision {mixed_precision!r} is not an option; choose one of "
+                               f"{', '.join(MIXED_PRECISION_OPTIONS)}.")
+            check_request(dataset_dir, preset, tokens, output_name, overwrite, resume)
         except DCOError as exc:
             return str(exc)
         return True
@@ -327,11 +425,10 @@ class DCOTrainer(io.ComfyNode):
         return digest.hexdigest()
 
     @classmethod
-    def execute(cls, model: Any, clip: Any, vae: Any, dataset_dir: str, preset: str, tokens: str, output_name: str,
-                overwrite: bool, steps: int, rank: int, learning_rate: float, text_encoder_lr: float, beta: float,
-                resolution: int, batch_size: int, offset_noise: float, seed: int, mixed_precision: str,
-                gradient_checkpointing: bool, use_8bit_adam: bool, checkpoint_every: int, resume: str,
-                config_name: str = "", validation_prompt: str = "", validation_every: int = 250) -> io.NodeOutput:
+    def execute(cls, model: Any, clip: Any, vae: Any, dataset_dir: str, output_name: str, overwrite: bool = False,
+                resume: str = "off", preset: str = "subject", tokens: str = "", config_name: str = "",
+                validation_prompt: str = "", **widgets: Any) -> io.NodeOutput:
+        """`widgets` are the config widgets of WIDGET_FIELDS; a missing one takes its default."""
         import comfy.sd
         import comfy.utils
 
@@ -341,11 +438,12 @@ class DCOTrainer(io.ComfyNode):
         from .embeddings import add_tokens
 
         require_engine()
+        check_request(dataset_dir, preset, tokens, output_name, overwrite, resume)
         check_sdxl(model)
         dataset = resolve_dataset(dataset_dir)
-        cfg = build_config(preset, dataset, config_name, tokens, steps, rank, learning_rate, text_encoder_lr, beta,
-                           resolution, batch_size, offset_noise, seed, mixed_precision, gradient_checkpointing,
-                           use_8bit_adam, checkpoint_every, validation_prompt, validation_every)
+        cfg = build_config(dataset, preset=preset, tokens=tokens, config_name=config_name,
+                           validation_prompt=validation_prompt,
+                           **{w: widgets.get(w, widget_default(w)) for w in WIDGET_FIELDS})
         plan = plan_outputs(output_name, overwrite, resume, cfg.train_text_encoder_ti)
         node_id = str(cls.hidden.unique_id) if getattr(cls, "hidden", None) is not None else ""
         out = train_in_graph(model, clip, vae, cfg, plan, resume, node_id)

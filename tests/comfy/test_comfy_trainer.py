@@ -7,7 +7,6 @@ loras / embeddings / output folders, so nothing in the ComfyUI checkout is touch
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import pytest
@@ -280,17 +279,25 @@ def test_config_json_dataset_and_validation_previews(folders):
     assert len(previews) == 2 and previews[0][0] == "JPEG" and previews[0][1].size == (64, 64)
 
 
-def test_widget_defaults_follow_the_recipes():
+def test_widget_defaults_follow_the_recipes(tmp_path):
+    """Widget defaults come from TrainConfig through the one table, and a node left at its defaults
+    trains each preset's recipe exactly (every mapped field, not a hand-picked few)."""
+    TrainConfig = harness.pack_module("dco_train.config").TrainConfig
     schema = trainer.DCOTrainer.define_schema()
     inputs = {i.id: i for i in schema.inputs}
-    assert inputs["learning_rate"].default == 5e-5 and inputs["text_encoder_lr"].default == 5e-6
-    assert inputs["beta"].default == 1000.0 and inputs["resolution"].default == 1024
-    assert inputs["batch_size"].default == 1 and inputs["mixed_precision"].default == "auto"
-    subject = trainer.build_config("subject", Path("/x"), "", "<dog>=dog", 0, 0, 5e-5, 5e-6, 1000.0, 1024, 1, -1.0, 0,
-                                   "auto", False, False, 500, "", 0)
-    style = trainer.build_config("style", Path("/x"), "", "", 0, 0, 5e-5, 5e-6, 1000.0, 1024, 1, -1.0, 0,
-                                 "auto", False, False, 500, "", 0)
-    assert (subject.rank, subject.max_train_steps, subject.train_text_encoder_ti, subject.offset_noise) == (32, 2000, True, 0.0)
-    assert (style.rank, style.max_train_steps, style.train_text_encoder_ti, style.offset_noise) == (64, 1000, False, 0.1)
+    recipe = TrainConfig.subject(tokens={"<dog>": "dog"})
+    for widget, field in trainer.WIDGET_FIELDS.items():
+        assert widget in inputs, widget  # the ids saved workflows use
+        expected = trainer.PRESET_CHOSEN.get(widget, trainer.NODE_DEFAULTS.get(widget, getattr(recipe, field)))
+        assert inputs[widget].default == expected, widget
+    not_config = {"model", "clip", "vae", "dataset_dir", "config_name", "preset", "tokens", "output_name", "overwrite",
+                  "resume", "validation_prompt"}
+    assert set(inputs) == set(trainer.WIDGET_FIELDS) | not_config
+    defaults = {w: inputs[w].default for w in trainer.WIDGET_FIELDS}
+    for preset, tokens, made in (("subject", "<dog>=dog", recipe), ("style", "", TrainConfig.style())):
+        cfg = trainer.build_config(tmp_path, preset=preset, tokens=tokens, **defaults)
+        for widget, field in trainer.WIDGET_FIELDS.items():
+            if widget not in trainer.NODE_DEFAULTS:
+                assert getattr(cfg, field) == getattr(made, field), (preset, field)
+        assert cfg.train_text_encoder_ti == made.train_text_encoder_ti and cfg.tokens == made.tokens
     assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
-    assert not math.isnan(subject.learning_rate)
