@@ -23,16 +23,13 @@ from comfy_api.latest import io
 
 from ..dco_train.errors import DCOError
 from ..dco_train.formats import EMBED_KEYS, TokenEmbeddings, load_embeddings
-from ..dco_train.text import replace_tokens, token_pattern
+from ..dco_train.text import TOKEN_LIKE, replace_tokens, token_pattern
 
 log = logging.getLogger(__name__)
 
 WORD_MAP_ATTR = "dco_word_map"
 ROWS_ATTR = "dco_rows"
 _BAD_TOKEN_CHARS = re.compile(r"[\s,():\\]")
-_TOKEN_LIKE = re.compile(r"<[^<>\s()]+>")
-
-
 # ----------------------------------------------------------------------------------- token CLIP
 def parse_tokens(text: str) -> list[str]:
     """`"<dog>, <cat>"` -> `["<dog>", "<cat>"]` (commas or whitespace separate tokens)."""
@@ -141,7 +138,7 @@ def base_prompt(text: str, known: dict[str, str], mapping: dict[str, str]) -> st
     """`text` with every token replaced by its plain word (the mapping field wins over the file;
     an empty word there, `<sks>=`, deliberately drops the token)."""
     words = {**known, **mapping}
-    unknown = sorted({t for t in _TOKEN_LIKE.findall(text) if t not in known})
+    unknown = sorted({t for t in TOKEN_LIKE.findall(text) if t not in known})
     if unknown:
         raise DCOError(
             f"The prompt names {', '.join(unknown)}, which the token CLIP does not know. Load its embeddings with "
@@ -154,7 +151,7 @@ def base_prompt(text: str, known: dict[str, str], mapping: dict[str, str]) -> st
             f"No plain word is known for {', '.join(missing)} (the embeddings file does not record one); "
             f"fill the word_map field, e.g. {missing[0]}=dog."
         )
-    return replace_tokens(text, {t: words[t] for t in used})
+    return replace_tokens(text, {t: words[t] for t in used}, allow_empty=True)  # empty words were checked above
 
 
 def encode(clip: Any, text: str) -> list:

@@ -36,3 +36,18 @@ def _unload_models():
 
         comfy.model_management.unload_all_models()
         comfy.model_management.cleanup_models()
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """Temporary loras / embeddings / output folders registered with ComfyUI."""
+    import folder_paths
+
+    loras, embs, out = tmp_path / "loras", tmp_path / "embeddings", tmp_path / "output"
+    for p in (loras, embs, out):
+        p.mkdir()
+    saved_out = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(out))
+    with harness.model_folder("loras", loras), harness.model_folder("embeddings", embs):
+        yield {"loras": loras, "embeddings": embs, "output": out, "root": tmp_path}
+    folder_paths.set_output_directory(saved_out)

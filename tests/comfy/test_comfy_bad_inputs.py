@@ -23,7 +23,7 @@ import harness
 harness.require()
 
 import torch  # noqa: E402
-from test_comfy_trainer import CAPTIONS, folders, graph_models, node_inputs, run_node, write_dataset  # noqa: E402,F401
+from test_comfy_trainer import CAPTIONS, graph_models, node_inputs, run_node, write_dataset  # noqa: E402,F401
 
 trainer = harness.pack_module("nodes.trainer")
 emb_nodes = harness.pack_module("nodes.embeddings")

@@ -18,10 +18,7 @@ harness.require()
 
 import torch  # noqa: E402
 
-import test_comfy_trainer  # noqa: E402
 from test_comfy_trainer import CAPTIONS, node_inputs, run_node, write_dataset  # noqa: E402,F401
-
-folders = test_comfy_trainer.folders  # the shared pytest fixture (output and models folders in tmp)
 
 convert = harness.pack_module("nodes.convert")
 sgm = harness.pack_module("dco_train.sgm")

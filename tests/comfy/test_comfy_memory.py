@@ -21,10 +21,7 @@ harness.require()
 import torch  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_pre_hook  # noqa: E402
 
-import test_comfy_trainer  # noqa: E402
 from test_comfy_trainer import CAPTIONS, graph_models, node_inputs, run_node, write_dataset  # noqa: E402,F401
-
-folders = test_comfy_trainer.folders  # the shared pytest fixture (output and models folders in tmp)
 
 convert = harness.pack_module("nodes.convert")
 

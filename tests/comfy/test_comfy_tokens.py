@@ -65,9 +65,9 @@ def test_rows_reach_each_encoder_separately(clip, tmp_path):
     variants = {"base": (l0, g0), "l": (l0 + bump_l, g0), "g": (l0, g0 + bump_g)}
     conds = {}
     with harness.model_folder("embeddings", tmp_path):
-        for name, (l, g) in variants.items():
+        for name, (rows_l, rows_g) in variants.items():
             formats.save_embeddings(tmp_path / f"{name}.safetensors",
-                                    formats.TokenEmbeddings(tokens=["<dog>"], clip_l=l, clip_g=g, initializers=["dog"]))
+                                    formats.TokenEmbeddings(tokens=["<dog>"], clip_l=rows_l, clip_g=rows_g, initializers=["dog"]))
             c = harness.encode(load(clip, f"{name}.safetensors"), TEXT)
             conds[name] = (c[0][0], c[0][1]["pooled_output"])
     (cb, pb), (cl, pl), (cg, pg) = conds["base"], conds["l"], conds["g"]

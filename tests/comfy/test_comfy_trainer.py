@@ -39,21 +39,6 @@ def write_dataset(folder: Path, captions: list[str], size=(80, 64)) -> Path:
     return folder
 
 
-@pytest.fixture
-def folders(tmp_path):
-    """Temporary loras / embeddings / output folders registered with ComfyUI."""
-    import folder_paths
-
-    loras, embs, out = tmp_path / "loras", tmp_path / "embeddings", tmp_path / "output"
-    for p in (loras, embs, out):
-        p.mkdir()
-    saved_out = folder_paths.get_output_directory()
-    folder_paths.set_output_directory(str(out))
-    with harness.model_folder("loras", loras), harness.model_folder("embeddings", embs):
-        yield {"loras": loras, "embeddings": embs, "output": out, "root": tmp_path}
-    folder_paths.set_output_directory(saved_out)
-
-
 def node_inputs(dataset: Path, **overrides):
     base = dict(dataset_dir=str(dataset), config_name="", preset="subject", tokens="<obj>=toy",
                 output_name="dco_test", overwrite=False, steps=4, rank=4, learning_rate=1e-2, text_encoder_lr=1e-2,
