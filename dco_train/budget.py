@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import torch
@@ -191,7 +191,8 @@ def optimizer_state_bytes(params: int, optimizer: str) -> int:
 def _clip(cfg: dict[str, Any], projection: bool) -> torch.nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    conf = CLIPTextConfig(**cfg, eos_token_id=49407)
+    cfg = {k: v for k, v in cfg.items() if k in CLIP_G or k == "eos_token_id"}
+    conf = CLIPTextConfig(**{"eos_token_id": 49407, **cfg})
     return CLIPTextModelWithProjection(conf) if projection else CLIPTextModel(conf)
 
 
@@ -243,7 +244,7 @@ class _TextCond:
 
 
 def measure_step(settings: Settings, unet_config: dict[str, Any] = SDXL_UNET, memory: bool = True,
-                 flops: bool = True) -> Budget:
+                 flops: bool = True, text_configs: tuple[dict[str, Any], dict[str, Any]] = (CLIP_L, CLIP_G)) -> Budget:
     """Run the engine's step forward + backward at `settings` on fake tensors; see the module doc."""
     from diffusers import UNet2DConditionModel
     from torch._subclasses import FakeTensorMode
@@ -256,12 +257,18 @@ def measure_step(settings: Settings, unet_config: dict[str, Any] = SDXL_UNET, me
     b, lat = settings.batch, settings.resolution // 8
     with FakeTensorMode(allow_non_fake_inputs=True), torch.device("meta"):
         with default_dtype(dtype):
-            unet = UNet2DConditionModel(**unet_config)
-            encoders = [_clip(CLIP_L, False), _clip(CLIP_G, True)] if settings.ti else []
+            unet = UNet2DConditionModel.from_config(dict(unet_config))
+            encoders = [_clip(text_configs[0], False), _clip(text_configs[1], True)] if settings.ti else []
             for m in (unet, *encoders):
                 m.requires_grad_(False)
             # on the meta device peft skips moving the new LoRA layers (fake parameters cannot be swapped)
             params = add_lora(unet, settings.rank, settings.rank, UNET_TARGETS)
+        # The trainer runs the LoRA (fp32 master weights) under autocast, which computes its matmuls
+        # in the weight dtype on the frozen layer's own input (the trainer turns off peft's input cast,
+        # see train._share_lora_inputs). Autocast does not act on meta tensors, so the fake run holds
+        # the LoRA in the weight dtype instead; its fp32 bytes are counted analytically below.
+        for p in params:
+            p.data = p.data.to(dtype)
         if settings.checkpointing:
             unet.enable_gradient_checkpointing()
             for enc in encoders:
@@ -271,26 +278,36 @@ def measure_step(settings: Settings, unet_config: dict[str, Any] = SDXL_UNET, me
         trainable = params + (cond_fn.rows if cond_fn else [])
         n_train = sum(p.numel() for p in trainable)
         weights = _bytes(unet, frozen=True) + sum(_bytes(e, frozen=True) for e in encoders)
-        ctx = unet_config["cross_attention_dim"]
+        ctx = unet.config.cross_attention_dim
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
         x_t = torch.randn(b, 4, lat, lat, dtype=dtype)
         target = torch.randn(b, 4, lat, lat, dtype=dtype)
         t = torch.randint(0, 1000, (b,))
         time_ids = torch.randn(b, 6, dtype=dtype)
-        base = PromptEmbeds(torch.randn(b, 77, ctx, dtype=dtype), torch.randn(b, 1280, dtype=dtype))
+        base = PromptEmbeds(torch.randn(b, 77, ctx, dtype=dtype), torch.randn(b, pooled, dtype=dtype))
         if cond_fn is None:
-            cached = PromptEmbeds(torch.randn(b, 77, ctx, dtype=dtype), torch.randn(b, 1280, dtype=dtype))
+            cached = PromptEmbeds(torch.randn(b, 77, ctx, dtype=dtype), torch.randn(b, pooled, dtype=dtype))
             cond_fn = lambda: cached  # noqa: E731
         # autocast is off: the frozen weights are already in `dtype`, so it would cast nothing but the
         # fp32 LoRA path, which the fp32 LoRA weights keep in fp32 under torch's promotion rules too
-        mem, count = LiveMemory(), flop_counter()
-        with flash_attention(), (count if flops else contextlib.nullcontext()), (mem if memory else contextlib.nullcontext()):
-            err_model, _ = dco_errors(unet, x_t, t, target, time_ids, base, cond_fn, settings.reference)
-            err_model.mean().backward()  # the loss's scalar ops (logsigmoid of two means) cost nothing
-    grads = 4 * n_train  # made in the backward, live through the peak: counted with the trainable values
-    return Budget(weights=weights, trainable=4 * n_train + grads,
-                  optimizer_state=optimizer_state_bytes(n_train, settings.optimizer),
-                  activations=max(0, mem.peak - grads), flops=float(count.get_total_flops()) if flops else 0.0,
-                  trainable_params=n_train)
+        peak, total = 0, 0.0
+        # two passes: FlopCounterMode's module tracking keeps tensors alive, so it would inflate the memory
+        for mode in (["memory"] if memory else []) + (["flops"] if flops else []):
+            tracker = LiveMemory() if mode == "memory" else flop_counter()
+            with flash_attention(), tracker:
+                err_model, _ = dco_errors(unet, x_t, t, target, time_ids, base, cond_fn, settings.reference)
+                err_model.mean().backward()  # the loss's scalar ops (logsigmoid of two means) cost nothing
+            for p in trainable:
+                p.grad = None
+            if mode == "memory":
+                peak = tracker.peak
+            else:
+                total = float(tracker.get_total_flops())
+    # the fake run's gradients (LoRA in the weight dtype, TI rows fp32) leave the activations; the
+    # trainer's fp32 LoRA, its fp32 gradients, live through the peak: counted with the trainable values
+    fake_grads = sum(p.numel() * p.element_size() for p in trainable)
+    return Budget(weights=weights, trainable=8 * n_train, optimizer_state=optimizer_state_bytes(n_train, settings.optimizer),
+                  activations=max(0, peak - fake_grads) if memory else 0, flops=total, trainable_params=n_train)
 
 
 def derive(measured: Budget, measured_settings: Settings, want: Settings) -> Budget:
@@ -303,3 +320,150 @@ def derive(measured: Budget, measured_settings: Settings, want: Settings) -> Bud
     return Budget(weights=int(measured.weights * dt), trainable=measured.trainable,
                   optimizer_state=optimizer_state_bytes(params, want.optimizer),
                   activations=int(measured.activations * dt * bt), flops=measured.flops * bt, trainable_params=params)
+
+
+def forward_flops(resolution: int, batch: int, lora: bool, rank: int = 32, unet_config: dict[str, Any] = SDXL_UNET) -> float:
+    """FLOPs of one no-grad UNet call (a sampling step's share), LoRA on or off."""
+    from diffusers import UNet2DConditionModel
+    from torch._subclasses import FakeTensorMode
+
+    from .lora import UNET_TARGETS, add_lora, lora_disabled
+    from .step import unet_eps
+    from .text import PromptEmbeds
+
+    lat, ctx = resolution // 8, unet_config["cross_attention_dim"]
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.device("meta"), default_dtype(torch.bfloat16):
+        unet = UNet2DConditionModel(**unet_config).requires_grad_(False)
+        add_lora(unet, rank, rank, UNET_TARGETS)
+        emb = PromptEmbeds(torch.randn(batch, 77, ctx), torch.randn(batch, 1280))
+        x, t, ids = torch.randn(batch, 4, lat, lat), torch.randint(0, 1000, (batch,)), torch.randn(batch, 6)
+        count = flop_counter()
+        with torch.no_grad(), flash_attention(), count, (contextlib.nullcontext() if lora else lora_disabled(unet)):
+            unet_eps(unet, x, t, emb, ids)
+    return float(count.get_total_flops())
+
+
+# ---------------------------------------------------------------------------------------------- pre-flight
+# Activation peaks (bytes, bf16, batch 1, rank 32 subject / 64 style) of the SDXL base step, measured
+# by `bench/sdxl_budget.py` with `measure_step`; keyed by (ti, checkpointing, resolution).
+# tests/test_budget.py checks an entry against a fresh fake run, so the table cannot go stale.
+SDXL_ACTIVATIONS: dict[tuple[bool, bool, int], int] = {}
+
+
+def is_sdxl_base(config: dict[str, Any]) -> bool:
+    return all(tuple(config.get(k, ())) == tuple(SDXL_UNET[k]) if isinstance(SDXL_UNET[k], tuple)
+               else config.get(k) == SDXL_UNET[k]
+               for k in ("block_out_channels", "transformer_layers_per_block", "cross_attention_dim"))
+
+
+def settings_for(cfg: Any, mixed_precision: str) -> Settings:
+    """The budget's settings for a `TrainConfig` and the resolved mixed precision."""
+    return Settings(resolution=cfg.resolution, rank=cfg.rank, ti=bool(cfg.train_text_encoder_ti),
+                    checkpointing=bool(cfg.gradient_checkpointing),
+                    dtype={"bf16": "bf16", "fp16": "fp16"}.get(mixed_precision, "fp32"),
+                    optimizer="adamw8bit" if cfg.use_8bit_adam else "adamw", batch=cfg.train_batch_size,
+                    reference=cfg.uses_reference)
+
+
+def _config_key(config: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=64)
+def _measured(config_json: str, settings: Settings, text_json: str) -> Budget:
+    import json
+
+    text = json.loads(text_json)
+    return measure_step(settings, unet_config=json.loads(config_json), text_configs=(text[0], text[1]))
+
+
+def _nearest_table(ti: bool, ckpt: bool, resolution: int) -> tuple[int, int] | None:
+    """The measured entry nearest in pixels, and its resolution (activations scale with the pixels)."""
+    rows = [(res, act) for (t, c, res), act in SDXL_ACTIVATIONS.items() if t == ti and c == ckpt]
+    if not rows:
+        return None
+    res, act = min(rows, key=lambda r: abs(r[0] - resolution))
+    return act, res
+
+
+def estimate(settings: Settings, unet_config: dict[str, Any],
+             text_configs: tuple[dict[str, Any], dict[str, Any]] = (CLIP_L, CLIP_G), run: bool = True) -> Budget | None:
+    """The budget of one step at `settings`: from the measured SDXL table (scaled by pixels, batch and
+    dtype) when the UNet is SDXL base, else from a fake-tensor run of this UNet (cached; seconds on a
+    CPU, so `run=False` answers None instead)."""
+    size = {"bf16": 2, "fp16": 2, "fp32": 4}[settings.dtype]
+    config = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(unet_config).items()}
+    hit = _nearest_table(settings.ti, settings.checkpointing, settings.resolution) if is_sdxl_base(config) else None
+    if hit is None:
+        base = replace(settings, dtype="bf16" if size == 2 else "fp32", optimizer="adamw", batch=1)
+        import json
+
+        text = json.dumps([{k: v for k, v in dict(c).items() if k in CLIP_G} for c in text_configs], sort_keys=True)
+        return derive(_measured(_config_key(config), base, text), base, settings)
+    act, res = hit
+    counts = _sdxl_counts(settings.rank, settings.ti)
+    weights = counts["frozen"] * size
+    n = counts["trainable"]
+    activations = int(act * (settings.resolution / res) ** 2 * settings.batch * size / 2)
+    return Budget(weights=weights, trainable=8 * n, optimizer_state=optimizer_state_bytes(n, settings.optimizer),
+                  activations=activations, flops=0.0, trainable_params=n)
+
+
+def _sdxl_counts(rank: int, ti: bool) -> dict[str, int]:
+    """Frozen and trainable values of SDXL base (+ the CLIPs with TI) at `rank`: analytic from the
+    parameter counts, LoRA = rank · (in + out) per attention projection."""
+    counts = _sdxl_parameter_counts()
+    frozen = counts["unet"] + (counts["clip_l"] + counts["clip_g"] if ti else 0)
+    return {"frozen": frozen, "trainable": rank * counts["lora_per_rank"] + (768 + 1280 if ti else 0)}
+
+
+@functools.lru_cache(maxsize=1)
+def _sdxl_parameter_counts() -> dict[str, int]:
+    from diffusers import UNet2DConditionModel
+    from torch._subclasses import FakeTensorMode
+
+    from .lora import UNET_TARGETS
+
+    counts = dict(parameter_counts(SDXL_UNET))
+    with FakeTensorMode(), torch.device("meta"), default_dtype(torch.bfloat16):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        per_rank = sum(m.in_features + m.out_features for name, m in unet.named_modules()
+                       if isinstance(m, torch.nn.Linear) and any(name.endswith(t) for t in UNET_TARGETS)
+                       and ("attn1" in name or "attn2" in name))
+    counts["lora_per_rank"] = per_rank
+    return counts
+
+
+def fitting_alternatives(settings: Settings, unet_config: dict[str, Any],
+                         text_configs: tuple[dict[str, Any], dict[str, Any]] = (CLIP_L, CLIP_G)) -> list[tuple[str, int]]:
+    """Settings that would need less memory, with their peaks: what the refusal message offers."""
+    out = []
+    if not settings.checkpointing:
+        out.append(("turn on gradient_checkpointing", replace(settings, checkpointing=True)))
+    if settings.batch > 1:
+        out.append(("train_batch_size 1", replace(settings, batch=1)))
+    if settings.optimizer == "adamw":
+        out.append(("use_8bit_adam", replace(settings, optimizer="adamw8bit")))
+    for res in (768, 512):
+        if res < settings.resolution:
+            out.append((f"resolution {res}", replace(settings, resolution=res, checkpointing=True)))
+    return [(label, estimate(s, unet_config, text_configs).peak) for label, s in out]
+
+
+def preflight_message(needed: int, free: int, alternatives: list[tuple[str, int]]) -> str | None:
+    """None when `needed` bytes fit in `free`; else the refusal, naming the settings that would fit."""
+    if needed <= free:
+        return None
+    fits = [f"{label} (~{peak / GIB:.1f} GiB)" for label, peak in alternatives if peak <= free]
+    advice = (" or ".join(fits) if fits else "no single change fits; lower the resolution and rank, or free GPU memory")
+    return (f"Training needs ~{needed / GIB:.1f} GiB of GPU memory by the budget estimate, {free / GIB:.1f} GiB "
+            f"free: {advice}.")
+
+
+def frozen_bytes(comps: Any, settings: Settings) -> int:
+    """Bytes of the frozen weights the step keeps on the device, in the weight dtype."""
+    size = {"bf16": 2, "fp16": 2, "fp32": 4}[settings.dtype]
+    models = [comps.unet, *(comps.text_encoders if settings.ti else ())]
+    return size * sum(p.numel() for m in models for p in m.parameters())
