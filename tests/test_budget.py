@@ -91,9 +91,10 @@ def test_frozen_weights_are_held_in_bf16_and_only_lora_and_ti_rows_in_fp32(tiny,
 
 
 @pytest.mark.parametrize("ti", [False, True], ids=["no_ti", "ti"])
-def test_text_encoders_leave_the_device_without_ti_and_stay_with_it(tiny, style_dir, tmp_path, ti):
+def test_text_encoders_leave_the_device_without_ti_and_stay_with_it(tiny, request, tmp_path, ti):
     extra = dict(train_text_encoder_ti=True) if ti else dict(train_text_encoder_ti=False, tokens={})
-    tr = _trainer(tiny, style_dir, tmp_path, **extra)
+    data_dir = request.getfixturevalue("subject_dir" if ti else "style_dir")
+    tr = _trainer(tiny, data_dir, tmp_path, **extra)
     # without TI the step reads the cached embeddings, so the encoders wait in host memory
     assert tr.text_home == (tr.device if ti else torch.device("cpu")) and tr.needs_text_grad == ti
     assert all(next(e.parameters()).device == tr.text_home for e in tiny.text_encoders)
