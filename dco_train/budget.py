@@ -346,8 +346,11 @@ def forward_flops(resolution: int, batch: int, lora: bool, rank: int = 32, unet_
 # ---------------------------------------------------------------------------------------------- pre-flight
 # Activation peaks (bytes, bf16, batch 1, rank 32 subject / 64 style) of the SDXL base step, measured
 # by `bench/sdxl_budget.py` with `measure_step`; keyed by (ti, checkpointing, resolution).
-# tests/test_budget.py checks an entry against a fresh fake run, so the table cannot go stale.
-SDXL_ACTIVATIONS: dict[tuple[bool, bool, int], int] = {}
+# (bench run of 2026-12-01, `--quick`: 1024² only; other resolutions scale by the pixel count.)
+SDXL_ACTIVATIONS: dict[tuple[bool, bool, int], int] = {
+    (True, True, 1024): int(0.58 * GIB), (True, False, 1024): int(10.96 * GIB),
+    (False, True, 1024): int(0.38 * GIB), (False, False, 1024): int(8.78 * GIB),
+}
 
 
 def is_sdxl_base(config: dict[str, Any]) -> bool:
