@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dco_train.budget import GIB, Settings, derive, forward_flops, measure_step  # noqa: E402
+from dco_train.budget import GIB, Settings, derive, forward_flops, measure_step
 
 PRESETS = {"subject": dict(ti=True, rank=32), "style": dict(ti=False, rank=64)}
 # dense bf16 tensor peaks (no sparsity), from the vendors' data sheets

@@ -8,7 +8,8 @@ memory and FLOP budget follows the code when the code changes.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager
+from collections.abc import Callable
+from typing import ContextManager
 
 import torch
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import quick_config
+
 from dco_train import budget
 from dco_train.config import TrainConfig
 from dco_train.train import Callbacks, RunOptions, _Trainer, nan_loss_message, train, weight_dtype
