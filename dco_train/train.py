@@ -16,13 +16,14 @@ with one all-reduce, so no DDP wrapper is needed around a model that is run twic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -32,10 +33,11 @@ from .data import TrainData, encode_dataset, load_dataset_spec, vae_encoder
 from .drift import DriftMeter
 from .errors import DCOError
 from .formats import save_embeddings, save_lora
-from .lora import TEXT_TARGETS, UNET_TARGETS, add_lora, load_lora_state_dict, lora_disabled, lora_state_dict
-from .loss import dco_loss, diffusion_target, min_snr_weight, per_sample_error
+from .lora import TEXT_TARGETS, UNET_TARGETS, add_lora, load_lora_state_dict, lora_state_dict
+from .loss import diffusion_target, min_snr_weight
 from .models import SDXLComponents
 from .order import DataOrder
+from .step import dco_step
 from .text import PromptEmbeds, encode_prompts
 from .ti import TokenSet, add_tokens
 
@@ -126,10 +128,15 @@ def resolve_mixed_precision(mixed_precision: str, cuda: bool) -> str:
 
 
 def weight_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
-    """The dtype the frozen weights are kept in: the mixed-precision dtype on a GPU, else fp32."""
-    if device.type != "cuda":
-        return torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+    """The dtype the frozen weights are kept in: the mixed-precision dtype (bf16 on any device, fp16
+    on a GPU), else fp32. Only the LoRA and the TI rows train in fp32 (cf. diffusers'
+    `cast_training_params`); autocast computes in the mixed-precision dtype either way, so an fp32
+    copy of a frozen weight would only cost memory."""
+    if mixed_precision == "bf16":
+        return torch.bfloat16
+    if mixed_precision == "fp16" and device.type == "cuda":
+        return torch.float16
+    return torch.float32
 
 
 def _make_accelerator(cfg: TrainConfig, run: RunOptions):
@@ -149,11 +156,47 @@ def _make_accelerator(cfg: TrainConfig, run: RunOptions):
     # accelerate keeps its mixed-precision choice in a process-wide singleton; a long-lived process
     # (ComfyUI, the tests) runs several trainings with different settings, so start each afresh.
     # The distributed part (PartialState) is kept.
+    _reset_accelerate_state()
+    return Accelerator(mixed_precision=mp, cpu=run.cpu, log_with=log_with, project_config=project), mp
+
+
+def _reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide mixed-precision state, keeping the distributed part.
+
+    Private API (`AcceleratorState._reset_state`): accelerate has no public way to start a second
+    `Accelerator` with other settings in one process; `accelerate.test_utils` resets the same way.
+    """
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    return Accelerator(mixed_precision=mp, cpu=run.cpu, log_with=log_with, project_config=project), mp
+
+
+def _flatten(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, Callable[[torch.Tensor], list[torch.Tensor]]]:
+    """One flat buffer of `tensors`, and the function that splits a flat buffer back into views.
+
+    Private API (`torch._utils._flatten_dense_tensors`), the helper DDP itself uses. The public
+    alternatives cost more here: `torch.cat` of flattened tensors plus `split` + `view_as` by hand
+    is the same code written twice, and `torch.nn.utils.parameters_to_vector` works on parameters,
+    not on their gradients.
+    """
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    return _flatten_dense_tensors(tensors), lambda flat: list(_unflatten_dense_tensors(flat, tensors))
+
+
+def _share_lora_inputs(unet: torch.nn.Module, active: bool):
+    """Under autocast, let each LoRA read its frozen layer's input as it is.
+
+    peft casts the input to the fp32 LoRA weight's dtype, and autocast casts it straight back to
+    bf16/fp16 for the matmul: a new half-precision copy of every attention input, which backward
+    keeps alive. Without peft's cast, autocast casts only the small
+    LoRA weights. Every UNet call of the loop (the step, the drift meter, the previews) runs under
+    autocast; outside the loop peft's cast is back on.
+    """
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(unet, active=active)
 
 
 def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -172,14 +215,22 @@ def _sync_gradients(params: list[torch.nn.Parameter], world: int) -> None:
     import torch.distributed as dist
 
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch._utils._flatten_dense_tensors(grads)
+    flat, unflatten = _flatten(grads)
     dist.all_reduce(flat)
     flat /= world
-    for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+    for p, g in zip(params, unflatten(flat)):
         if p.grad is None:
             p.grad = g.clone()
         else:
             p.grad.copy_(g)
+
+
+def nan_loss_message(loss: float, step: int, checkpoints: list[Path]) -> str:
+    """What to say when the loss stops being finite: name the checkpoint that survives, if any."""
+    kept = (f"The last checkpoint, {checkpoints[-1]}, is kept; resume from it with a lower learning rate."
+            if checkpoints else "No checkpoint had been saved yet, so the run must start again.")
+    return (f"The loss became {loss} at step {step}; lower the learning rate, or train in bf16 or fp32 instead "
+            f"of fp16. {kept}")
 
 
 class _Trainer:
@@ -197,6 +248,7 @@ class _Trainer:
         self.device = self.acc.device
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.is_main = self.acc.is_main_process
+        self.preflight()
         self.noise_scheduler = comps.training_scheduler(cfg.prediction_type)
         self.prediction_type = self.noise_scheduler.config.prediction_type
         self.status("Preparing data")
@@ -206,10 +258,15 @@ class _Trainer:
         if cfg.train_text_encoder_ti and not self.data.tokens:
             self.data.tokens = dict(cfg.tokens)
         self._place_models()
+        self.text_home = self.device
         self.status("Caching prompt embeddings")
         with torch.no_grad(), self.autocast():
             prompts = sorted({it.base_prompt for it in self.data.items} | {it.prompt for it in self.data.items})
             self.cache = {p: e.to(self.device) for p, e in zip(prompts, self._encode_each(prompts))}
+        # The step needs the text encoders only when they (or their TI rows) train; otherwise they
+        # wait in host memory, and the drift meter and the previews bring them back for a moment.
+        self.text_home = self.device if cfg.train_text_encoder_ti or cfg.train_text_encoder_lora else torch.device("cpu")
+        self._park_text_encoders()
         self.token_set: TokenSet | None = None
         params_ti: list[torch.nn.Parameter] = []
         if cfg.train_text_encoder_ti:
@@ -253,6 +310,43 @@ class _Trainer:
             )
 
     # ------------------------------------------------------------------ helpers
+    def preflight(self) -> None:
+        """Report the budget's memory estimate for these settings; on a GPU, refuse a run that cannot fit."""
+        from . import budget
+
+        settings = budget.settings_for(self.cfg, self.mp)
+        text = tuple(enc.config.to_dict() for enc in self.comps.text_encoders)
+        cuda = self.device.type == "cuda"
+        try:  # SDXL base answers from a table; another UNet needs a fake-tensor run: only worth it on a GPU
+            est = budget.estimate(settings, self.comps.unet.config, text, run=cuda)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:  # an unusual UNet: train anyway
+            log.warning("No memory estimate for this UNet (%s).", exc)
+            return
+        if est is None:
+            self.status(f"Memory estimate: weights {budget.frozen_bytes(self.comps, settings) / budget.GIB:.2f} GiB; "
+                        "the full estimate is made on a GPU or for SDXL base")
+            return
+        self.status(
+            f"Memory estimate: ~{est.peak / budget.GIB:.2f} GiB peak (weights {est.weights / budget.GIB:.2f}, LoRA/TI "
+            f"with gradients {est.trainable / budget.GIB:.2f}, optimizer {est.optimizer_state / budget.GIB:.2f}, "
+            f"activations {est.activations / budget.GIB:.2f})"
+        )
+        if cuda:
+            free = torch.cuda.mem_get_info(self.device)[0] + self._bytes_on_device()
+            msg = budget.preflight_message(est.peak, free, budget.fitting_alternatives(settings, self.comps.unet.config, text))
+            if msg:
+                raise DCOError(msg)
+
+    def _bytes_on_device(self) -> int:
+        """What the models already hold on the training device (counted again by the estimate)."""
+        seen, total = set(), 0
+        for m in (self.comps.unet, *self.comps.text_encoders):
+            for p in m.parameters():
+                if p.device == self.device and p.data_ptr() not in seen:
+                    seen.add(p.data_ptr())
+                    total += p.numel() * p.element_size()
+        return total
+
     def status(self, text: str) -> None:
         log.info(text)
         if self.cb.on_status:
@@ -280,8 +374,27 @@ class _Trainer:
                     it.mean = it.mean.to(self.device)
                     it.std = it.std.to(self.device) if it.std is not None else None
 
+    def _park_text_encoders(self) -> None:
+        for enc in self.comps.text_encoders:
+            if next(enc.parameters()).device != self.text_home:
+                enc.to(self.text_home)
+
+    @contextlib.contextmanager
+    def text_encoders_on_device(self) -> Iterator[None]:
+        """The text encoders on the training device for the block (they may be parked in host memory)."""
+        if self.text_home == self.device:
+            yield
+            return
+        for enc in self.comps.text_encoders:
+            enc.to(self.device)
+        try:
+            yield
+        finally:
+            self._park_text_encoders()
+
     def _encode_batch(self, prompts: list[str]) -> PromptEmbeds:
-        return encode_prompts(self.comps.tokenizers, self.comps.text_encoders, prompts)
+        with self.text_encoders_on_device():
+            return encode_prompts(self.comps.tokenizers, self.comps.text_encoders, prompts)
 
     def _encode_each(self, prompts: list[str]) -> list[PromptEmbeds]:
         # one prompt at a time, so a cached embedding never depends on what it was batched with
@@ -320,28 +433,19 @@ class _Trainer:
         target = diffusion_target(noise, x0, t, self.noise_scheduler, self.prediction_type)
         time_ids = torch.stack([it.time_ids for it in items]).to(self.device)
         base = PromptEmbeds.cat([self.cache[it.base_prompt] for it in items])
-        unet = self.comps.unet
-
-        err_ref = None
-        if cfg.uses_reference:
-            with torch.no_grad(), lora_disabled(unet), self.autocast():
-                ref = unet(x_t, t, encoder_hidden_states=base.embeds,
-                           added_cond_kwargs={"text_embeds": base.pooled, "time_ids": time_ids}).sample
-            err_ref = per_sample_error(ref, target)
-        with self.autocast():
-            if self.needs_text_grad:
-                cond = self._encode_batch([it.prompt for it in items])
-            else:
-                cond = PromptEmbeds.cat([self.cache[it.prompt] for it in items])
-            pred = unet(x_t, t, encoder_hidden_states=cond.embeds,
-                        added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": time_ids}).sample
-        err_model = per_sample_error(pred, target)
         weights = None
         if cfg.snr_gamma:
             from diffusers.training_utils import compute_snr
 
             weights = min_snr_weight(compute_snr(self.noise_scheduler, t), cfg.snr_gamma, self.prediction_type)
-        return dco_loss(err_model, err_ref, cfg.dco_beta, weights, per_sample=cfg.dco_per_sample)
+
+        def cond() -> PromptEmbeds:
+            if self.needs_text_grad:
+                return self._encode_batch([it.prompt for it in items])
+            return PromptEmbeds.cat([self.cache[it.prompt] for it in items])
+
+        return dco_step(self.comps.unet, x_t, t, target, time_ids, base, cond, cfg.dco_beta, cfg.uses_reference,
+                        weights, per_sample=cfg.dco_per_sample, autocast=self.autocast)
 
     def _optimizer_step(self) -> dict[str, float | None]:
         cfg = self.cfg
@@ -352,10 +456,7 @@ class _Trainer:
             mine = batch[self.rank * cfg.train_batch_size : (self.rank + 1) * cfg.train_batch_size]
             loss, stats = self._micro_step(mine)
             if not math.isfinite(stats.loss):
-                raise DCOError(
-                    f"The loss became {stats.loss} at step {self.step + 1}; lower the learning rate, or train "
-                    "in bf16 or fp32 instead of fp16. The last checkpoint is kept."
-                )
+                raise DCOError(nan_loss_message(stats.loss, self.step + 1, self.checkpoints))
             self.acc.backward(loss / cfg.gradient_accumulation_steps)
             for k, v in stats.as_dict().items():
                 if v is not None:
@@ -452,7 +553,8 @@ class _Trainer:
         ):
             from .sample import render_previews
 
-            images = render_previews(self.comps, cfg, self.token_set, self.autocast, decode=self.run.decode_latents)
+            with self.text_encoders_on_device():
+                images = render_previews(self.comps, cfg, self.token_set, self.autocast, decode=self.run.decode_latents)
             self.cb.on_preview(self.step, images)
 
     # ------------------------------------------------------------------ the loop
@@ -461,6 +563,10 @@ class _Trainer:
         if self.is_main:
             run.output_dir.mkdir(parents=True, exist_ok=True)
         folder = ckpt_io.resolve_resume(run.checkpoint_dir, run.resume)
+        if folder is None and run.resume == "latest":
+            log.warning("No checkpoint in %s to resume from: starting afresh.", run.checkpoint_dir)
+            if self.cb.on_status:
+                self.cb.on_status(f"No checkpoint in {run.checkpoint_dir} to resume from: starting afresh")
         if folder is not None:
             self.resume(folder)
         elif self.is_main and run.log_path.exists():
@@ -479,6 +585,8 @@ class _Trainer:
             progress = tqdm(total=cfg.max_train_steps, initial=self.step, desc="DCO", dynamic_ncols=True)
         self.status("Training")
         start, start_step, stopped = time.perf_counter(), self.step, False
+        held = contextlib.ExitStack()
+        held.enter_context(_share_lora_inputs(self.comps.unet, self.mp in ("bf16", "fp16")))
         try:
             while self.step < cfg.max_train_steps:
                 stats = self._optimizer_step()
@@ -502,6 +610,7 @@ class _Trainer:
                         self.save_checkpoint()
                     break
         finally:
+            held.close()
             if progress is not None:
                 progress.close()
         lora = emb = None

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from helpers import quick_config
 from dco_train.config import TrainConfig
@@ -97,3 +98,23 @@ def test_buckets_batch_images_of_one_shape(tiny, tmp_path):
     wide = {s for s in shapes if s[-1] > s[-2]}
     tall = {s for s in shapes if s[-1] < s[-2]}
     assert wide and tall and all(s[0] == 2 for s in shapes)  # both buckets trained, never mixed in a batch
+
+
+def test_reference_pass_gets_the_base_prompt_and_the_lora_pass_the_token_prompt(tiny, subject_dir, tmp_path):
+    from dco_train.train import _Trainer
+
+    # TI: "<obj>" in the prompt, "toy" in the base; the rows start as "toy", so the prompts differ after a step
+    cfg = quick_config(data_dir=str(subject_dir), max_train_steps=2, text_encoder_lr=1e-1)
+    tr = _Trainer(cfg, tiny, RunOptions(output_dir=tmp_path / "o", progress_bar=False, log_with=None), None)
+    tr._optimizer_step()
+    seen = []
+    handle = tiny.unet.register_forward_pre_hook(
+        lambda m, args, kw: seen.append(kw["encoder_hidden_states"].detach().clone()), with_kwargs=True)
+    tr._optimizer_step()
+    handle.remove()
+    item = tr.data.items[0]
+    assert item.prompt != item.base_prompt  # "<obj>" against "toy": the step where they differ
+    bases = [tr.cache[it.base_prompt].embeds for it in tr.data.items]
+    assert len(seen) == 2  # the reference pass first, then the LoRA pass on the token prompt (TI rows spliced in)
+    assert any(torch.equal(seen[0], b) for b in bases)
+    assert not any(torch.allclose(seen[1], b) for b in bases)
