@@ -93,7 +93,7 @@ def main() -> None:
         tokens={"<obj>": "toy"},
     )
     cfg = TrainConfig.subject(
-        tokens={"<obj>": "toy"}, train_text_encoder_ti=args.ti, resolution=res, max_train_steps=10**6,
+        tokens={"<obj>": "toy"} if args.ti else {}, train_text_encoder_ti=args.ti, resolution=res, max_train_steps=10**6,
         train_batch_size=args.batch, checkpointing_steps=0, drift_every=0, gradient_checkpointing=args.gradient_checkpointing,
         mixed_precision="auto",
     )

@@ -288,7 +288,9 @@ def measure_step(settings: Settings, unet_config: dict[str, Any] = SDXL_UNET, me
         base = PromptEmbeds(torch.randn(b, 77, ctx, dtype=dtype), torch.randn(b, pooled, dtype=dtype))
         if cond_fn is None:
             cached = PromptEmbeds(torch.randn(b, 77, ctx, dtype=dtype), torch.randn(b, pooled, dtype=dtype))
-            cond_fn = lambda: cached
+
+            def cond_fn() -> PromptEmbeds:
+                return cached
         # autocast is off: the frozen weights are already in `dtype`, so it would cast nothing but the
         # fp32 LoRA path, which the fp32 LoRA weights keep in fp32 under torch's promotion rules too
         peak, total = 0, 0.0
