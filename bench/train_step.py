@@ -5,6 +5,9 @@
 
 Both kinds of step run on one trainer (the same model, LoRA and data), interleaved in rounds, so a
 noisy machine slows both alike. Prints `name value` lines; the goal is dco_over_plain <= 1.35.
+With `--mid` it also prints the FLOP ratio that `dco_train.budget` counts (on fake tensors, the
+engine's own step) for the same UNet config, resolution, batch, rank, TI and checkpointing, and
+`measured_over_flop_ratio`: on this compute-bound model the measured ratio should be within 5% of it.
 """
 
 from __future__ import annotations
@@ -21,24 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dco_train.budget import MID_UNET, SDXL_UNET, Settings, measure_step  # noqa: E402
 from dco_train.config import TrainConfig  # noqa: E402
 from dco_train.data import latents_from_tensors  # noqa: E402
 from dco_train.train import RunOptions, _Trainer  # noqa: E402
-
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-)
-
-
-MID_UNET = dict(  # SDXL's block layout at 128 base channels and real conditioning widths (~130 M params)
-    SDXL_UNET, block_out_channels=(128, 256, 512), transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8),
-)
-
 
 def sdxl_components(tokenizer_dir: Path, unet_config: dict = SDXL_UNET):
     """SDXL shapes (real UNet 2.6 B params, or the mid layout; CLIP-L, CLIP-G) with random weights; no VAE."""
@@ -60,6 +49,17 @@ def sdxl_components(tokenizer_dir: Path, unet_config: dict = SDXL_UNET):
         fix_eos_pooling(e, t)
     unet = UNet2DConditionModel(**unet_config)
     return SDXLComponents(unet, None, te, te2, tok, tok2, EulerDiscreteScheduler(**SDXL_SCHEDULER))
+
+
+def budget_flop_ratio(cfg: TrainConfig, unet_config: dict) -> tuple[float, float, float]:
+    """(DCO FLOPs, plain FLOPs, their ratio) per step by the budget, for the trainer's own settings.
+
+    FLOPs do not depend on the dtype or optimizer, so bf16 fake tensors stand in for any precision."""
+    s = Settings(resolution=cfg.resolution, rank=cfg.rank, ti=bool(cfg.train_text_encoder_ti),
+                 checkpointing=bool(cfg.gradient_checkpointing), dtype="bf16", batch=cfg.train_batch_size)
+    dco = measure_step(s, unet_config=unet_config, memory=False).flops
+    plain = measure_step(Settings(**{**s.__dict__, "reference": False}), unet_config=unet_config, memory=False).flops
+    return dco, plain, dco / plain
 
 
 def main() -> None:
@@ -125,7 +125,10 @@ def main() -> None:
     shape = "sdxl-shapes" if args.sdxl_shapes else "mid" if args.mid else "tiny"
     print(f"device {trainer.device} {shape} {res}px batch {args.batch} "
           f"mixed_precision {trainer.mp} ti {args.ti}", file=sys.stderr)
+    ratios = [a / b for a, b in zip(dco, plain)]  # within a round: neighbouring runs share the machine's load
     print(f"dco_over_plain {d / pl:.3f}")
+    print(f"dco_over_plain_rounds_min {min(ratios):.3f}")
+    print(f"dco_over_plain_rounds_max {max(ratios):.3f}")
     print(f"dco_step_ms {d * 1000:.1f}")
     print(f"plain_step_ms {pl * 1000:.1f}")
     if cuda:
@@ -133,6 +136,14 @@ def main() -> None:
         print(f"peak_mem_mb_plain {peak[0.0]:.0f}")
     else:
         print(f"peak_rss_mb {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+    if args.mid or args.sdxl_shapes:
+        t0 = time.perf_counter()
+        f_dco, f_plain, flop_ratio = budget_flop_ratio(cfg, MID_UNET if args.mid else SDXL_UNET)
+        print(f"budget_dco_tflops {f_dco / 1e12:.3f}")
+        print(f"budget_plain_tflops {f_plain / 1e12:.3f}")
+        print(f"budget_dco_over_plain_flops {flop_ratio:.3f}")
+        print(f"measured_over_flop_ratio {d / pl / flop_ratio:.3f}")
+        print(f"budget_count_s {time.perf_counter() - t0:.1f}")
 
 
 if __name__ == "__main__":
