@@ -24,13 +24,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dco_train.budget import MID_UNET, SDXL_UNET, Settings, measure_step  # noqa: E402
+from dco_train.budget import MID_UNET, SDXL_UNET, Settings, default_dtype, measure_step  # noqa: E402
 from dco_train.config import TrainConfig  # noqa: E402
 from dco_train.data import latents_from_tensors  # noqa: E402
 from dco_train.train import RunOptions, _Trainer  # noqa: E402
 
-def sdxl_components(tokenizer_dir: Path, unet_config: dict = SDXL_UNET):
-    """SDXL shapes (real UNet 2.6 B params, or the mid layout; CLIP-L, CLIP-G) with random weights; no VAE."""
+def sdxl_components(tokenizer_dir: Path, unet_config: dict = SDXL_UNET, device: str = "cpu",
+                    dtype: torch.dtype | None = None):
+    """SDXL shapes (real UNet 2.6 B params, or the mid layout; CLIP-L, CLIP-G) with random weights; no VAE.
+
+    The modules are built directly on `device` in `dtype` (default: fp32), so a GPU run never holds an
+    fp32 host copy of the 2.6 B UNet."""
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -40,15 +44,58 @@ def sdxl_components(tokenizer_dir: Path, unet_config: dict = SDXL_UNET):
 
     tok, tok2 = build_tokenizer(tokenizer_dir), build_tokenizer(tokenizer_dir, pad_token="!")
     common = dict(vocab_size=49408, max_position_embeddings=77, eos_token_id=tok.eos_token_id)
-    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                      num_attention_heads=12, hidden_act="quick_gelu", **common))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                                     num_attention_heads=20, hidden_act="gelu", projection_dim=1280,
-                                                     **common))
+    with torch.device(device), default_dtype(dtype or torch.float32):  # the scheduler's tables stay on the CPU
+        te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                          num_attention_heads=12, hidden_act="quick_gelu", **common))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                                         num_attention_heads=20, hidden_act="gelu", projection_dim=1280,
+                                                         **common))
+        unet = UNet2DConditionModel(**unet_config)
     for t, e in ((tok, te), (tok2, te2)):
         fix_eos_pooling(e, t)
-    unet = UNet2DConditionModel(**unet_config)
     return SDXLComponents(unet, None, te, te2, tok, tok2, EulerDiscreteScheduler(**SDXL_SCHEDULER))
+
+
+def build_trainer(shape: str, preset: str, device: str, resolution: int | None, batch: int, ti: bool,
+                  checkpointing: bool, tmp: Path, dtype: torch.dtype | None = None) -> _Trainer:
+    """The engine's `_Trainer` on random weights of `shape` ("tiny", "mid" or "sdxl-shapes") with the
+    `preset`'s settings ("subject" or "style"), on latents made up at `resolution`; no VAE, no files."""
+    if shape == "tiny":
+        from dco_train.tiny import build_tiny_sdxl
+
+        comps, res = build_tiny_sdxl(seed=0, tokenizer_dir=tmp / "tok"), resolution or 64
+    else:
+        comps = sdxl_components(tmp / "tok", SDXL_UNET if shape == "sdxl-shapes" else MID_UNET, device, dtype)
+        res = resolution or (1024 if shape == "sdxl-shapes" else 256)
+    lat = res // 8
+    n = 4
+    data = latents_from_tensors(
+        [torch.randn(4, lat, lat) for _ in range(n)], [f"a photo of a <obj> number {i}" for i in range(n)],
+        [f"a photo of a toy number {i}" for i in range(n)], [torch.tensor([res, res, 0, 0, res, res]).float()] * n,
+        tokens={"<obj>": "toy"},
+    )
+    make = TrainConfig.subject if preset == "subject" else TrainConfig.style
+    cfg = make(
+        tokens={"<obj>": "toy"} if ti else {}, train_text_encoder_ti=ti, resolution=res, max_train_steps=10**6,
+        train_batch_size=batch, checkpointing_steps=0, drift_every=0, gradient_checkpointing=checkpointing,
+        mixed_precision="auto",
+    )
+    return _Trainer(cfg, comps, RunOptions(output_dir=tmp / f"out-{preset}-{int(checkpointing)}", progress_bar=False,
+                                           log_with=None, cpu=device == "cpu"), data)
+
+
+def timed_steps(trainer: _Trainer, beta: float, steps: int) -> float:
+    """Seconds per optimizer step of the trainer's own step (DCO for beta > 0, plain for beta <= 0)."""
+    cuda = trainer.device.type == "cuda"
+    trainer.cfg.dco_beta = beta
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        trainer._optimizer_step()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps
 
 
 def budget_flop_ratio(cfg: TrainConfig, unet_config: dict) -> tuple[float, float, float]:
@@ -78,39 +125,14 @@ def main() -> None:
         sys.exit("no CUDA device")
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="dco-bench-"))
-    if args.sdxl_shapes or args.mid:
-        comps = sdxl_components(tmp / "tok", SDXL_UNET if args.sdxl_shapes else MID_UNET)
-        res = args.resolution or (1024 if args.sdxl_shapes else 256)
-    else:
-        from dco_train.tiny import build_tiny_sdxl
-
-        comps, res = build_tiny_sdxl(seed=0, tokenizer_dir=tmp / "tok"), args.resolution or 64
-    lat = res // 8
-    n = 4
-    data = latents_from_tensors(
-        [torch.randn(4, lat, lat) for _ in range(n)], [f"a photo of a <obj> number {i}" for i in range(n)],
-        [f"a photo of a toy number {i}" for i in range(n)], [torch.tensor([res, res, 0, 0, res, res]).float()] * n,
-        tokens={"<obj>": "toy"},
-    )
-    cfg = TrainConfig.subject(
-        tokens={"<obj>": "toy"} if args.ti else {}, train_text_encoder_ti=args.ti, resolution=res, max_train_steps=10**6,
-        train_batch_size=args.batch, checkpointing_steps=0, drift_every=0, gradient_checkpointing=args.gradient_checkpointing,
-        mixed_precision="auto",
-    )
-    trainer = _Trainer(cfg, comps, RunOptions(output_dir=tmp / "out", progress_bar=False, log_with=None,
-                                              cpu=args.device == "cpu"), data)
+    shape = "sdxl-shapes" if args.sdxl_shapes else "mid" if args.mid else "tiny"
+    trainer = build_trainer(shape, "subject", args.device, args.resolution, args.batch, args.ti,
+                            args.gradient_checkpointing, tmp)
+    cfg, res = trainer.cfg, trainer.cfg.resolution
     cuda = trainer.device.type == "cuda"
 
     def timed(beta: float) -> float:
-        trainer.cfg.dco_beta = beta
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            trainer._optimizer_step()
-        if cuda:
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t) / args.steps
+        return timed_steps(trainer, beta, args.steps)
 
     timed(1000.0), timed(0.0)  # warm-up (allocator, kernels)
     dco, plain, peak = [], [], {}
@@ -122,7 +144,6 @@ def main() -> None:
             if cuda:
                 peak[beta] = max(peak.get(beta, 0), torch.cuda.max_memory_allocated() / 2**20)
     d, pl = statistics.median(dco), statistics.median(plain)
-    shape = "sdxl-shapes" if args.sdxl_shapes else "mid" if args.mid else "tiny"
     print(f"device {trainer.device} {shape} {res}px batch {args.batch} "
           f"mixed_precision {trainer.mp} ti {args.ti}", file=sys.stderr)
     ratios = [a / b for a, b in zip(dco, plain)]  # within a round: neighbouring runs share the machine's load
