@@ -37,7 +37,7 @@ def test_plain_loss_baseline_skips_the_reference(tiny, subject_dir, tmp_path):
     assert all("err_ref" not in h and "reward_gap" not in h for h in res.history)
 
 
-def test_gradient_accumulation_and_style_with_offset_noise(tiny, style_dir, tmp_path):
+def test_gradient_accumulation_on_the_style_preset(tiny, style_dir, tmp_path):
     cfg = TrainConfig.style(data_dir=str(style_dir), resolution=64, max_train_steps=2, gradient_accumulation_steps=2,
                             checkpointing_steps=0, drift_every=0, mixed_precision="no", rank=4, snr_gamma=5.0)
     res = train(cfg, tiny, RunOptions(output_dir=tmp_path / "o", progress_bar=False, log_with=None))
@@ -118,3 +118,54 @@ def test_reference_pass_gets_the_base_prompt_and_the_lora_pass_the_token_prompt(
     assert len(seen) == 2  # the reference pass first, then the LoRA pass on the token prompt (TI rows spliced in)
     assert any(torch.equal(seen[0], b) for b in bases)
     assert not any(torch.allclose(seen[1], b) for b in bases)
+
+
+def _first_step(tokenizer_dir, tmp_path, name: str, **overrides):
+    """One micro-step of a fresh style trainer on a fixed latent (no VAE draw, no flip): the UNet's
+    first input (x_t, t), the loss and its stats. Same seed, so runs differ only by `overrides`."""
+    from dco_train.data import latents_from_tensors
+    from dco_train.tiny import build_tiny_sdxl
+    from dco_train.train import _Trainer
+
+    comps = build_tiny_sdxl(seed=0, tokenizer_dir=tokenizer_dir)
+    x0 = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(3))
+    data = latents_from_tensors([x0], ["a house"], ["a house"], [torch.tensor([64.0, 64, 0, 0, 64, 64])])
+    cfg = TrainConfig.style(**{**dict(resolution=64, max_train_steps=2, checkpointing_steps=0, drift_every=0,
+                                      mixed_precision="no", rank=4, random_flip=False), **overrides})
+    tr = _Trainer(cfg, comps, RunOptions(output_dir=tmp_path / name, progress_bar=False, log_with=None), data)
+    seen = []
+    comps.unet.register_forward_pre_hook(lambda m, a: seen.append((a[0].detach().clone(), a[1].detach().clone())))
+    loss, stats = tr._micro_step([0])
+    x_t, t = seen[0]
+    return x0, x_t, t, tr.noise_scheduler.alphas_cumprod[t].float(), loss, stats
+
+
+def test_offset_noise_adds_a_per_channel_constant_scaled_by_the_setting(tokenizer_dir, tmp_path):
+    """The noise the trainer draws, recovered from x_t = √ᾱ x0 + √(1-ᾱ) ε: with offset noise it is the
+    plain noise plus `offset_noise` × one value per sample and channel, constant over the image."""
+    eps = {}
+    for strength in (0.0, 0.1, 0.2):
+        x0, x_t, t, ab, _, _ = _first_step(tokenizer_dir, tmp_path, f"o{strength}", offset_noise=strength)
+        eps[strength] = (x_t[0] - ab.sqrt() * x0) / (1 - ab).sqrt()
+    d1, d2 = eps[0.1] - eps[0.0], eps[0.2] - eps[0.0]
+    per_channel = d1.mean(dim=(-2, -1), keepdim=True)
+    assert per_channel.abs().min() > 1e-3, "offset_noise=0.1 left the noise unchanged"
+    torch.testing.assert_close(d1, per_channel.expand_as(d1), atol=1e-3, rtol=0)  # an offset, not fresh noise
+    torch.testing.assert_close(d2, 2 * d1, atol=2e-3, rtol=0)  # in proportion to the setting
+
+
+def test_min_snr_weights_both_errors_by_min_snr_gamma_over_snr(tokenizer_dir, tmp_path):
+    """Same seed, same x_t and t; with snr_gamma both errors are scaled by min(SNR, γ)/SNR, computed
+    here by hand from the schedule (γ below every SNR of the schedule, so the weight is never 1)."""
+    gamma = 1e-3
+    _, x_a, t_a, ab, _, plain = _first_step(tokenizer_dir, tmp_path, "plain")
+    _, x_b, t_b, _, loss, weighted = _first_step(tokenizer_dir, tmp_path, "snr", snr_gamma=gamma)
+    assert torch.equal(x_a, x_b) and torch.equal(t_a, t_b)
+    snr = ab / (1 - ab)
+    weight = float(min(snr, torch.tensor(gamma)) / snr)
+    assert weight < 0.5
+    assert weighted.err_model == pytest.approx(weight * plain.err_model, rel=1e-5)
+    assert weighted.err_ref == pytest.approx(weight * plain.err_ref, rel=1e-5)
+    beta = TrainConfig.style().dco_beta
+    expected = -torch.nn.functional.logsigmoid(torch.tensor(-beta * (weighted.err_model - weighted.err_ref)))
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
