@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import signal
 import statistics
 import sys
 import tempfile
@@ -34,12 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_step import build_trainer, timed_steps  # noqa: E402
 
 from dco_train import budget  # noqa: E402
+from dco_train.errors import DCOError  # noqa: E402
 
 GIB = 2**30
 # dense bf16 tensor-core peaks (no sparsity), vendors' data sheets; matched against the device name
 PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("4090", 165.2))  # 4090: bf16 with fp32 accumulate
 PRESETS = {"subject": True, "style": False}  # preset -> TI on
-OOM = (torch.cuda.OutOfMemoryError,)
+OOM = (torch.cuda.OutOfMemoryError,)  # a RuntimeError too; named first so the note says OOM
 
 
 @dataclass
@@ -126,6 +128,16 @@ def rg_case(args: argparse.Namespace, trainer: Any) -> Row:
                note=f"rg_over_cfg {ms[3.0] / ms[0.0]:.3f} (CFG step {ms[0.0]:.1f} ms)")
 
 
+def _stop_at_the_limit(signum: int, frame: Any) -> None:
+    raise TimeoutError("stopped by the time limit (SIGTERM)")
+
+
+def failed(case: str, exc: BaseException) -> Row:
+    """A case that did not finish keeps its row, with the reason, so the table still comes out."""
+    kind = "OOM" if isinstance(exc, OOM) else type(exc).__name__
+    return Row(case, note=f"{kind}: {str(exc).splitlines()[0][:100] if str(exc) else ''}")
+
+
 def fmt(v: float | None, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
@@ -146,27 +158,36 @@ def main() -> None:
     t_start = time.perf_counter()
     rows: list[Row] = []
     rg_row = Row("sample RG ÷ CFG", note="not run")
-    with tempfile.TemporaryDirectory(prefix="dco-gpu-check-") as tmp:
-        for preset in PRESETS:
-            for ckpt in (True, False):
-                torch.manual_seed(0)
-                trainer = None
-                try:
-                    row, trainer = train_case(args, preset, ckpt, Path(tmp), peak)
-                except OOM as exc:
-                    row = Row(f"train {preset} ckpt {'on' if ckpt else 'off'}", note=f"OOM: {str(exc)[:80]}")
-                rows.append(row)
-                print(f"# {row.case} done at {time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)
-                if preset == "style" and ckpt and trainer is not None:  # the RG case runs on the style model
+    signal.signal(signal.SIGTERM, _stop_at_the_limit)  # bench/gpu_check.sh's timeout: print what was measured
+    try:
+        with tempfile.TemporaryDirectory(prefix="dco-gpu-check-") as tmp:
+            for preset in PRESETS:
+                for ckpt in (True, False):
+                    case = f"train {preset} ckpt {'on' if ckpt else 'off'}"
+                    torch.manual_seed(0)
+                    trainer = None
                     try:
-                        rg_row = rg_case(args, trainer)
-                    except OOM as exc:
-                        rg_row = Row("sample RG ÷ CFG", note=f"OOM: {str(exc)[:80]}")
-                del trainer  # each trainer is dropped before the next one is built
-                free(args.device)
+                        row, trainer = train_case(args, preset, ckpt, Path(tmp), peak)
+                    except (*OOM, RuntimeError, DCOError) as exc:  # one failing case (or a pre-flight refusal) keeps the table
+                        row = failed(case, exc)
+                    rows.append(row)
+                    print(f"# {case} done at {time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)
+                    if preset == "style" and ckpt and trainer is not None:  # the RG case runs on the style model
+                        try:
+                            rg_row = rg_case(args, trainer)
+                        except (*OOM, RuntimeError, DCOError) as exc:
+                            rg_row = failed("sample RG ÷ CFG", exc)
+                    del trainer  # each trainer is dropped before the next one is built
+                    free(args.device)
+    except TimeoutError as exc:
+        rows.append(failed("(rest)", exc))
+    finally:
         rows.append(rg_row)
-    print(f"device {name}; peak bf16 {fmt(peak, '.1f')} TFLOPS; torch {torch.__version__}; "
-          f"wall {time.perf_counter() - t_start:.0f} s")
+        report(rows, name, peak, time.perf_counter() - t_start)
+
+
+def report(rows: list[Row], name: str, peak: float | None, wall: float) -> None:
+    print(f"device {name}; peak bf16 {fmt(peak, '.1f')} TFLOPS; torch {torch.__version__}; wall {wall:.0f} s")
     print()
     print("| case | budget peak GiB | max_memory_allocated GiB | step ms (median) | TFLOP/step (budget) | MFU | note |")
     print("|---|---|---|---|---|---|---|")
