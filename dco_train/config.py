@@ -52,8 +52,8 @@ class TrainConfig:
     config_name: str | None = _f(None, "Which entry of config.json to train on.", group="data")
     tokens: dict[str, str] = _f(
         {},
-        "New tokens and the words they start from, e.g. {'<dog>': 'dog'}. The word also "
-        "replaces the token in the automatic base prompt; an empty word means a random start.",
+        'New tokens and the words they start from, written "<dog>=dog" (several: "<dog>=dog,<hat>=hat"). '
+        "The word also replaces the token in the automatic base prompt.",
         group="data",
     )
     resolution: int = _f(1024, "Training resolution in pixels (a multiple of 8).", group="data")
@@ -69,7 +69,7 @@ class TrainConfig:
 
     # ---- LoRA
     rank: int = _f(32, "LoRA rank of the UNet attention projections.", group="lora")
-    lora_alpha: float | None = _f(None, "LoRA alpha; empty means alpha = rank (scale 1).", group="lora")
+    lora_alpha: float | None = _f(None, "LoRA alpha; leave it out for alpha = rank (scale 1).", group="lora")
     train_text_encoder_lora: bool = _f(
         False, "Also put a LoRA on both text encoders' attention projections.", group="lora"
     )
@@ -88,9 +88,9 @@ class TrainConfig:
         group="loss",
     )
     offset_noise: float = _f(0.0, "Offset-noise strength (the style recipe uses 0.1).", group="loss")
-    snr_gamma: float | None = _f(None, "Min-SNR gamma; empty turns the weighting off.", group="loss")
+    snr_gamma: float | None = _f(None, "Min-SNR gamma (5 is usual); leave it out to turn the weighting off.", group="loss")
     prediction_type: str | None = _f(
-        None, "epsilon or v_prediction; empty means the model's scheduler decides.", group="loss"
+        None, "epsilon or v_prediction; leave it out to use the model's own (its scheduler config).", group="loss"
     )
 
     # ---- optimiser
@@ -116,7 +116,7 @@ class TrainConfig:
     )
     seed: int = _f(0, "Seed of data order, noise and timesteps.")
     checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N steps; 0 turns it off.")
-    checkpoints_total_limit: int | None = _f(None, "Keep at most this many checkpoints; empty keeps all.")
+    checkpoints_total_limit: int | None = _f(None, "Keep at most this many checkpoints; leave it out to keep all.")
 
     # ---- monitoring
     validation_prompts: list[str] = _f([], "Prompts rendered with reward guidance as training previews.", group="monitor")
@@ -246,10 +246,6 @@ class TrainConfig:
         if unknown:
             raise DCOError(f"Unknown training settings: {', '.join(unknown)}.")
         return cls(**data)
-
-    @classmethod
-    def field_help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
 def parse_tokens(spec: str | dict[str, str] | None) -> dict[str, str]:

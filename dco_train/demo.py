@@ -59,8 +59,9 @@ def make_datasets(root: Path) -> tuple[Path, Path]:
     return subject, style
 
 
-def _rg_grid(comps: Any, prompt: str, word_map: dict[str, str], seed: int = 7):
-    from .plot import image_grid
+def _rg_grid(comps: Any, prompt: str, word_map: dict[str, str], models: str, seed: int = 7):
+    """rg 0 / 1.5 / 3 side by side, each tile's amplified difference from rg 0 below, and a caption."""
+    from .plot import rg_comparison
     from .sample import SampleSettings, rg_sample
 
     images, labels = [], []
@@ -68,7 +69,8 @@ def _rg_grid(comps: Any, prompt: str, word_map: dict[str, str], seed: int = 7):
         s = SampleSettings(prompt=prompt, rg=rg, cfg=5.0, steps=20, seed=seed, width=RESOLUTION, height=RESOLUTION)
         images += rg_sample(comps, s, word_map)
         labels.append(f"rg {rg:g}")
-    return image_grid([im.resize((128, 128)) for im in images], columns=3, labels=labels)
+    caption = f'"{prompt}" with {models}; seed {seed}, cfg 5. Bottom row: the change from rg 0, amplified.'
+    return rg_comparison([im.resize((128, 128), resample=0) for im in images], labels, caption)
 
 
 def run_demo(output: Path, steps: int = 40) -> dict[str, Any]:
@@ -102,11 +104,12 @@ def run_demo(output: Path, steps: int = 40) -> dict[str, Any]:
     comps = build_tiny_sdxl(seed=0, tokenizer_dir=tok_dir)
     loaded = load_adapters(comps, [(runs["subject"].lora, 1.0)], runs["subject"].embeddings)
     rg_subject = output / "rg_subject.png"
-    _rg_grid(comps, "a photo of a <obj> on the beach", loaded.word_map).save(rg_subject)
+    _rg_grid(comps, "a photo of a <obj> on the beach", loaded.word_map, "the subject LoRA + <obj> tokens alone").save(rg_subject)
     merged = build_tiny_sdxl(seed=0, tokenizer_dir=tok_dir)
     loaded = load_adapters(merged, [(runs["subject"].lora, 1.0), (runs["style"].lora, 1.0)], runs["subject"].embeddings)
     rg_merge = output / "rg_subject_style.png"
-    _rg_grid(merged, "a <obj> in flat stripe pattern style", loaded.word_map).save(rg_merge)
+    _rg_grid(merged, "a <obj> in flat stripe pattern style", loaded.word_map,
+             "the subject LoRA + <obj> tokens merged with the style LoRA").save(rg_merge)
 
     def files(res: Any) -> dict[str, Any]:
         return {"lora": str(res.lora), "embeddings": str(res.embeddings) if res.embeddings else None,

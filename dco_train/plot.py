@@ -94,3 +94,38 @@ def image_grid(images: Sequence[Any], columns: int, labels: Sequence[str] = ()) 
         if i < len(labels):
             draw.text((x + 2, y + 1), labels[i], fill=(0, 0, 0))
     return grid
+
+
+def difference_tiles(images: Sequence[Any]) -> tuple[list[Any], float]:
+    """Each image's absolute difference from the first, amplified so the largest change is bright.
+
+    The demo's model has random weights, so reward guidance changes its pictures by a pixel value or
+    two: invisible side by side, plain once amplified. Returns the tiles and the gain used."""
+    import numpy as np
+    from PIL import Image
+
+    arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]
+    diffs = [np.abs(a - arrays[0]) for a in arrays]
+    peak = max(float(d.max()) for d in diffs)
+    gain = 255.0 / peak if peak > 0 else 1.0
+    return [Image.fromarray(np.clip(d * gain, 0, 255).astype(np.uint8)) for d in diffs], gain
+
+
+def rg_comparison(images: Sequence[Any], labels: Sequence[str], caption: str) -> Any:
+    """The reward-guidance grid: a caption line, the images, and below each its difference from the first."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    tiles, gain = difference_tiles(images)
+    top = image_grid(list(images), columns=len(images), labels=labels)
+    bottom = image_grid(tiles, columns=len(images), labels=[f"|{lab} - {labels[0]}| x{gain:.0f}" for lab in labels])
+    lines = textwrap.wrap(caption, width=max(20, top.width // 6))
+    head = 12 * len(lines) + 6
+    out = Image.new("RGB", (top.width, head + top.height + bottom.height), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((4, 3 + 12 * i), line, fill=(0, 0, 0))
+    out.paste(top, (0, head))
+    out.paste(bottom, (0, head + top.height))
+    return out

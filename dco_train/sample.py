@@ -13,6 +13,7 @@ reward guidance, the LoRA and the tokens are honoured at every cfg.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "heun": ("HeunDiscreteScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # as Stable Diffusion configures it
     "unipc": ("UniPCMultistepScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
@@ -49,7 +50,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 class SampleSettings:
     prompt: str
     base_prompt: str | None = None  # derived from the token -> word map when None
-    negative_prompt: str = ""
+    negative_prompt: str | None = None  # None: all-zero embeddings (diffusers' SDXL force_zeros_for_empty_prompt)
     cfg: float = 7.5
     rg: float = 3.0
     steps: int = 30
@@ -66,15 +67,31 @@ class SampleSettings:
             raise DCOError("steps and num_images must be at least 1.")
 
 
+def check_scheduler_name(name: str) -> None:
+    """Refuse an unknown scheduler name before any model loads."""
+    import diffusers
+
+    cls_name, _ = SCHEDULERS.get(name, (name, {}))
+    try:
+        cls = getattr(diffusers, cls_name, None)
+    except ImportError as exc:  # diffusers' dummy objects raise when an optional library (scipy) is missing
+        raise DCOError(f"The scheduler {name!r} needs a library that is not installed ({' '.join(str(exc).split())[:200]}); "
+                       "install it or choose another --scheduler.") from None
+    if not hasattr(cls, "from_config"):
+        raise DCOError(f"Unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)} or a diffusers scheduler class name.")
+
+
 def make_scheduler(name: str, config: Any):
     """A diffusers scheduler by short name (euler, dpmpp_2m, ...) or class name, on this model's schedule."""
     import diffusers
 
+    check_scheduler_name(name)
     cls_name, extra = SCHEDULERS.get(name, (name, {}))
-    cls = getattr(diffusers, cls_name, None)
-    if cls is None or not hasattr(cls, "from_config"):
-        raise DCOError(f"Unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)} or a diffusers scheduler class name.")
-    return cls.from_config({**dict(config), **extra})
+    try:
+        return getattr(diffusers, cls_name).from_config({**dict(config), **extra})
+    except ImportError as exc:
+        raise DCOError(f"The scheduler {name!r} needs a library that is not installed ({' '.join(str(exc).split())[:200]}); "
+                       "install it or choose another --scheduler.") from None
 
 
 @dataclass
@@ -148,7 +165,13 @@ def load_adapters(
     return loaded
 
 
-def _encode(comps: SDXLComponents, prompts: list[str], lora_on: bool) -> PromptEmbeds:
+def _encode(comps: SDXLComponents, prompts: list[str | None], lora_on: bool) -> PromptEmbeds:
+    """Encode prompts; a None prompt (no negative prompt) gives all-zero embeddings, as diffusers'
+    SDXL pipelines do with `force_zeros_for_empty_prompt` (the reference samples that way too)."""
+    if all(p is None for p in prompts):
+        real = _encode(comps, [""], lora_on)
+        n = len(prompts)
+        return PromptEmbeds(torch.zeros_like(real.embeds).repeat(n, 1, 1), torch.zeros_like(real.pooled).repeat(n, 1))
     ctx = contextlib.nullcontext() if lora_on else lora_disabled(*comps.text_encoders)
     with ctx:
         return encode_prompts(comps.tokenizers, comps.text_encoders, prompts)
@@ -176,8 +199,9 @@ class RGDenoiser:
                 neg = _encode(comps, [s.negative_prompt] * n, lora_on=True) if self.use_neg else None
                 self.conds = PromptEmbeds.cat([neg, self.token]) if neg is not None else self.token
             else:
-                prompts = ([s.negative_prompt] * n if self.use_neg else []) + [self.base_prompt] * n
-                self.ref = _encode(comps, prompts, lora_on=False)
+                base = _encode(comps, [self.base_prompt] * n, lora_on=False)
+                neg = _encode(comps, [s.negative_prompt] * n, lora_on=False) if self.use_neg else None
+                self.ref = PromptEmbeds.cat([neg, base]) if neg is not None else base
         self.time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=torch.float32, device=self.device)
 
     def unet_call(self, x: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds) -> torch.Tensor:
@@ -206,7 +230,7 @@ class RGDenoiser:
 def rg_sample(
     comps: SDXLComponents, s: SampleSettings, word_map: dict[str, str] | None = None,
     autocast: Callable[[], Any] = contextlib.nullcontext, decode: Callable[[torch.Tensor], list[Any]] | None = None,
-    output_type: str = "pil",
+    output_type: str = "pil", progress_bar: bool = False,
 ):
     """Sample `s.num_images` images with reward guidance; returns PIL images (or latents)."""
     denoiser = RGDenoiser(comps, s, word_map, autocast)
@@ -215,9 +239,13 @@ def rg_sample(
     generator = torch.Generator().manual_seed(s.seed)
     shape = (s.num_images, comps.unet.config.in_channels, s.height // 8, s.width // 8)
     latents = torch.randn(shape, generator=generator).to(denoiser.device) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
+    # heun, lms, pndm and unipc take no generator (they add no noise in step())
+    step_kw = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    from tqdm.auto import tqdm
+
+    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress_bar, dynamic_ncols=True):
         eps = denoiser(scheduler.scale_model_input(latents, t), t)
-        latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
+        latents = scheduler.step(eps, t, latents, **step_kw).prev_sample
     if output_type == "latent":
         return latents
     return (decode or (lambda z: decode_latents(comps.vae, z)))(latents)

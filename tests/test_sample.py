@@ -132,3 +132,31 @@ def test_previews_are_emitted_and_do_not_change_training(subject_dir, tmp_path, 
     assert all(torch.equal(a[k].up, b[k].up) and torch.equal(a[k].down, b[k].down) for k in a)
     assert [h["loss"] for h in with_p.history] == [h["loss"] for h in without.history]
     assert with_p.components.unet.training  # train mode restored
+
+
+@pytest.mark.parametrize("name", sorted(__import__("dco_train.sample", fromlist=["SCHEDULERS"]).SCHEDULERS))
+def test_every_scheduler_the_cli_offers_samples_with_rg(tiny, name):
+    import importlib.util
+
+    from dco_train.errors import DCOError
+
+    if name == "lms" and importlib.util.find_spec("scipy") is None:  # diffusers' LMS needs scipy
+        with pytest.raises(DCOError, match="'lms' needs a library that is not installed.*scipy"):
+            rg_sample(tiny, SampleSettings(prompt="a dog", steps=2, width=64, height=64, scheduler=name))
+        return
+    latents = rg_sample(tiny, SampleSettings(prompt="a dog", base_prompt="a toy", rg=3.0, steps=3, width=64, height=64,
+                                             scheduler=name), output_type="latent")
+    assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all()
+
+
+def test_no_negative_prompt_means_zero_embeddings_like_diffusers(tiny, tokenizer_dir):
+    s = SampleSettings(prompt="a dog", base_prompt="a toy", cfg=5.0, rg=3.0, width=64, height=64, num_images=2)
+    ref = RGDenoiser(tiny, s).ref
+    assert ref.embeds.shape[0] == 4 and not ref.embeds[:2].any() and not ref.pooled[:2].any()
+    pipe = build_tiny_sdxl(seed=0, tokenizer_dir=tokenizer_dir).pipeline()
+    _, neg, _, neg_pooled = pipe.encode_prompt("a dog", do_classifier_free_guidance=True)
+    assert not neg.any() and not neg_pooled.any()  # diffusers' SDXL convention (force_zeros_for_empty_prompt)
+    explicit = RGDenoiser(tiny, SampleSettings(prompt="a dog", negative_prompt="", cfg=5.0, rg=3.0, width=64, height=64)).ref
+    assert explicit.embeds[:1].abs().max() > 0  # an explicit "" is encoded, as diffusers does
+    zero = RGDenoiser(tiny, SampleSettings(prompt="a dog", cfg=5.0, rg=0.0, width=64, height=64)).conds
+    assert not zero.embeds[:1].any() and zero.embeds[1:].abs().max() > 0
