@@ -81,14 +81,55 @@ def unet_from_model(model: Any, device: torch.device, dtype: torch.dtype | None 
 
 
 def prediction_type(model: Any) -> str:
-    import comfy.model_base
+    """epsilon or v_prediction, from the model's model_sampling (see `sampling_schedule`)."""
+    return sampling_schedule(model)["prediction_type"]
 
-    kind = model.model.model_type
-    if kind == comfy.model_base.ModelType.V_PREDICTION:
-        return "v_prediction"
-    if kind == comfy.model_base.ModelType.EPS:
-        return "epsilon"
-    raise DCOError(f"DCO training supports epsilon and v-prediction SDXL models, not {kind.name}.")
+
+# model_sampling kinds that have no epsilon / v-prediction training target in the engine
+_UNTRAINABLE_SAMPLING = {
+    "X0": "x0 prediction", "IMG_TO_IMG": "img_to_img (x0) prediction", "LCM": "LCM (distilled)",
+    "ModelSamplingDiscreteDistilled": "LCM (distilled)", "EDM": "EDM", "CONST": "flow matching (CONST)",
+    "ModelSamplingDiscreteFlow": "flow matching", "ModelSamplingContinuousEDM": "continuous EDM",
+    "ModelSamplingContinuousV": "continuous v-prediction", "ModelSamplingFlux": "flow matching (Flux)",
+}
+
+
+def sampling_schedule(model: Any) -> dict[str, Any]:
+    """The diffusers scheduler settings of the model as ComfyUI samples it.
+
+    Read from the patched `model_sampling` object, not `model.model.model_type`: ComfyUI's
+    ModelSamplingDiscrete node (v-prediction, zero terminal SNR) replaces only that object through
+    a model patch. Its classes are mixins (LCM and X0 subclass EPS), so the refusals are checked
+    first, by class name along the MRO. Zero terminal SNR is diffusers' `rescale_betas_zero_snr`; any
+    other noise schedule than SDXL's is refused rather than trained with the wrong one.
+    """
+    import comfy.model_sampling as ms
+    from diffusers import DDPMScheduler
+
+    sampling = model.get_model_object("model_sampling")
+    names = [c.__name__ for c in type(sampling).__mro__]
+    for name in names:
+        if name in _UNTRAINABLE_SAMPLING:
+            raise DCOError(
+                f"The model samples with {_UNTRAINABLE_SAMPLING[name]}, which DCO training cannot train (it trains "
+                "epsilon and v-prediction SDXL). Train the checkpoint without the ModelSampling node, or set its "
+                "sampling to eps or v_prediction."
+            )
+    if not isinstance(sampling, ms.ModelSamplingDiscrete):
+        raise DCOError(f"The model's sampling ({type(sampling).__name__}) is not SDXL's discrete schedule; "
+                       "DCO training needs an epsilon or v-prediction SDXL model.")
+    kind = "v_prediction" if isinstance(sampling, ms.V_PREDICTION) else "epsilon"
+    zsnr = bool(getattr(sampling, "zsnr", False))
+    ours = DDPMScheduler(**{k: v for k, v in SDXL_SCHEDULER.items() if k in ("beta_start", "beta_end", "beta_schedule",
+                                                                          "num_train_timesteps")},
+                         rescale_betas_zero_snr=zsnr)
+    expected = ((1 - ours.alphas_cumprod) / ours.alphas_cumprod).sqrt()[:-1]
+    sigmas = sampling.sigmas.detach().float().cpu()[:-1]
+    if sigmas.shape != expected.shape or not torch.allclose(sigmas, expected, rtol=1e-3, atol=1e-4):
+        raise DCOError("The model's noise schedule is not SDXL's (scaled linear betas 0.00085-0.012 over 1000 "
+                       "steps); DCO training would train it with the wrong noise. Train the checkpoint without the "
+                       "node that changed its sampling.")
+    return {"prediction_type": kind, "rescale_betas_zero_snr": zsnr}
 
 
 def _activation_name(fn: Any) -> str:
@@ -143,7 +184,7 @@ def components_from_graph(model: Any, clip: Any, device: torch.device, dtype: to
 
     unet = unet_from_model(model, device, dtype)
     te, te2, tok, tok2 = text_encoders_from_clip(clip, device, dtype)
-    scheduler = EulerDiscreteScheduler(**{**SDXL_SCHEDULER, "prediction_type": prediction_type(model)})
+    scheduler = EulerDiscreteScheduler(**{**SDXL_SCHEDULER, **sampling_schedule(model)})
     return SDXLComponents(unet=unet, vae=None, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
                           tokenizer_2=tok2, scheduler=scheduler)
 

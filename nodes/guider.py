@@ -22,6 +22,7 @@ import comfy.patcher_extension
 import comfy.samplers
 from comfy_api.latest import io
 
+from ..dco_train.errors import DCOError
 from ..dco_train.rg import rg_mix
 from .bypass import ALL_ROWS, BypassLoRA, RowLayoutError, extra_patches
 
@@ -177,14 +178,44 @@ def _common_inputs() -> list:
 
 def _guidance_inputs() -> list:
     return [
-        io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=_CFG_TIP),
-        io.Float.Input("rg", default=3.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=_RG_TIP),
+        io.Float.Input("cfg", default=7.5, min=0.0, max=GUIDANCE_MAX, step=0.1, round=0.01, tooltip=_CFG_TIP),
+        io.Float.Input("rg", default=3.0, min=0.0, max=GUIDANCE_MAX, step=0.1, round=0.01, tooltip=_RG_TIP),
     ]
+
+
+GUIDANCE_MAX = 100.0
+
+
+def check_guidance(cfg: float | None, rg: float | None) -> None:
+    """cfg and rg must be finite and within the widgets' range. Validation that takes them skips
+    ComfyUI's own min/max checks, and those let NaN through (every comparison with NaN is false)."""
+    for name, value in (("cfg", cfg), ("rg", rg)):
+        if value is None:  # linked: known only when the node runs
+            continue
+        if not math.isfinite(value) or not 0.0 <= value <= GUIDANCE_MAX:
+            raise DCOError(f"{name} must be a number from 0 to {GUIDANCE_MAX:g}, not {value!r}; "
+                           f"{'7.5' if name == 'cfg' else '3.0'} is the DCO paper's value.")
+
+
+def validate_guidance(cfg: float | None, rg: float | None) -> bool | str:
+    try:
+        check_guidance(cfg, rg)
+    except DCOError as exc:
+        return str(exc)
+    return True
 
 
 def make_guider(model: Any, model_ft: Any, positive_token: list, positive_base: list, negative: list,
                 cfg: float, rg: float) -> RewardGuidanceGuider:
+    check_guidance(cfg, rg)
     guider = RewardGuidanceGuider(model, model_ft)
+    if not guider.extra and rg != 0:
+        # a node error, where the user looks: ComfyUI's V3 API has no warning the page shows
+        raise DCOError(
+            "model_ft carries no LoRA on top of model, so reward guidance would only change the prompt. Connect "
+            "model_ft through LoraLoader (the DCO LoRA, strength above 0) after the same checkpoint that feeds "
+            "model, or set rg to 0 for plain CFG."
+        )
     guider.set_conds(positive_token, positive_base, negative)
     guider.set_cfg(cfg, rg)
     return guider
@@ -203,6 +234,10 @@ class DCORewardGuidanceGuider(io.ComfyNode):
             inputs=_common_inputs() + _guidance_inputs(),
             outputs=[io.Guider.Output("guider", display_name="GUIDER", tooltip="A guider for SamplerCustomAdvanced.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, cfg: float | None = None, rg: float | None = None) -> bool | str:
+        return validate_guidance(cfg, rg)
 
     @classmethod
     def execute(cls, model: Any, model_ft: Any, positive_token: list, positive_base: list, negative: list,
@@ -233,6 +268,10 @@ class DCORewardGuidanceSampler(io.ComfyNode):
             ],
             outputs=[io.Latent.Output("latent", display_name="LATENT", tooltip="The denoised latent.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, cfg: float | None = None, rg: float | None = None) -> bool | str:
+        return validate_guidance(cfg, rg)
 
     @classmethod
     def execute(cls, model: Any, model_ft: Any, positive_token: list, positive_base: list, negative: list,

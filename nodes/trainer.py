@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -33,30 +34,75 @@ RECIPES = {"subject": TrainConfig.subject(tokens={"<dog>": "dog"}), "style": Tra
 DEFAULT = RECIPES["subject"]
 
 
-def require_engine() -> None:
-    """A clear message instead of an ImportError deep inside training."""
-    import importlib.util
+ENGINE_PACKAGES = ("diffusers", "transformers", "peft", "accelerate", "safetensors")
+INSTALL_HINT = "pip install -r custom_nodes/ComfyUI-DCO/requirements.txt"
 
-    missing = [m for m in ("diffusers", "transformers", "peft", "accelerate", "safetensors")
-               if importlib.util.find_spec(m) is None]
-    if missing:
+
+def require_engine() -> None:
+    """A clear message instead of an import chain deep inside training.
+
+    Each package is imported, not only looked up: a broken install (a peft that raises on import
+    because it does not match the installed transformers, say) fails with any exception, not only
+    ImportError, and the user needs the package's name and the error, not diffusers' import chain.
+    """
+    import importlib
+
+    problems = []
+    for name in ENGINE_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            if getattr(exc, "name", None) == name:
+                problems.append(f"{name} is not installed")
+            else:
+                problems.append(f"{name} does not import ({type(exc).__name__}: {exc})")
+        except Exception as exc:  # noqa: BLE001 - a broken install raises anything at import time
+            problems.append(f"{name} does not import ({type(exc).__name__}: {exc})")
+    if problems:
         raise DCOError(
-            f"DCO training needs {', '.join(missing)}; install the pack's requirements into ComfyUI's Python: "
-            "pip install -r custom_nodes/ComfyUI-DCO/requirements.txt"
+            f"DCO training needs {', '.join(ENGINE_PACKAGES)}, but {'; '.join(problems)}. Install or repair the "
+            f"pack's requirements in ComfyUI's Python ({INSTALL_HINT}, or pip install --force-reinstall "
+            "the package named) and restart ComfyUI."
         )
 
 
+# Names Windows reserves for devices, with or without an extension, in any case, and the characters
+# it forbids in a file name: refused on every system so that a shared workflow behaves the same.
+WINDOWS_RESERVED = frozenset({"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
+                              *(f"lpt{i}" for i in range(1, 10))})
+WINDOWS_FORBIDDEN = re.compile(r'[<>:"|?*\x00-\x1f]')
+
+
+def check_portable_name(name: str, field: str = "output_name") -> None:
+    """Refuse a name that Windows cannot store, whatever system runs ComfyUI now."""
+    for part in re.split(r"[\\/]", name):
+        if part.strip() in ("", ".", ".."):  # safe_output_path refuses these with its own message
+            continue
+        bad = sorted(set(WINDOWS_FORBIDDEN.findall(part)))
+        if bad:
+            shown = " ".join(repr(c) for c in bad)
+            raise DCOError(f"{field} {name!r} contains {shown}, which Windows does not allow in a file name; "
+                           "use letters, digits, '-' and '_'.")
+        if part.endswith((".", " ")):
+            raise DCOError(f"{field} {name!r} ends a name with a dot or a space, which Windows drops; remove it.")
+        if part.split(".")[0].strip().lower() in WINDOWS_RESERVED:
+            raise DCOError(f"{field} {name!r} uses {part!r}, a device name that Windows reserves (con, prn, aux, "
+                           f"nul, com1-com9, lpt1-lpt9); choose another name, such as {part.split('.')[0]}_lora.")
+
+
 def resolve_dataset(dataset_dir: str) -> Path:
-    """An absolute path, or a path relative to ComfyUI's input folder."""
+    """An absolute path, or a path relative to ComfyUI's input folder: a folder or a .json file."""
     import folder_paths
 
     if not dataset_dir or not dataset_dir.strip():
         raise DCOError("dataset_dir is empty; give a folder of images with .txt captions, or a config.json.")
-    path = Path(os.path.expanduser(dataset_dir.strip()))
+    path = Path(dataset_dir.strip()).expanduser()
     if not path.is_absolute():
         path = Path(folder_paths.get_input_directory()) / path
     if not path.exists():
         raise DCOError(f"The dataset {path} does not exist; give an absolute path or a folder inside ComfyUI's input folder.")
+    if path.is_file() and path.suffix.lower() != ".json":
+        raise DCOError(f"dataset_dir {path} is a file; give a folder of images with .txt captions or a config.json.")
     return path
 
 
@@ -88,10 +134,13 @@ def build_config(preset: str, dataset: Path, config_name: str, tokens: str, step
     return TrainConfig.preset_named(preset, **overrides)
 
 
-def plan_outputs(output_name: str, overwrite: bool, resume: str, needs_embeddings: bool) -> dict[str, Any]:
-    """Where the files go, refusing names that escape their folder or overwrite without leave."""
+def plan_outputs(output_name: str, overwrite: bool, resume: str, needs_embeddings: bool,
+                 clear: bool = True) -> dict[str, Any]:
+    """Where the files go, refusing names that escape their folder, that Windows cannot store, or
+    that overwrite without leave. `clear=False` only checks (validation must not delete a run)."""
     import folder_paths
 
+    check_portable_name(output_name)
     lora = safe_output_path(folder_paths.get_folder_paths("loras")[0], output_name, overwrite=overwrite)
     emb = safe_output_path(folder_paths.get_folder_paths("embeddings")[0], output_name, overwrite=overwrite) \
         if needs_embeddings else None
@@ -104,8 +153,32 @@ def plan_outputs(output_name: str, overwrite: bool, resume: str, needs_embedding
                 f"{run_dir} holds checkpoints of an earlier '{output_name}' run; set resume to latest to continue it, "
                 "or turn on overwrite to start over (its checkpoints are deleted)."
             )
-        shutil.rmtree(run_dir)
+        if clear:
+            shutil.rmtree(run_dir)
     return {"lora": lora, "embeddings": emb, "run_dir": run_dir}
+
+
+def check_request(dataset_dir: str | None, preset: str | None, tokens: str | None, output_name: str | None,
+                  overwrite: bool | None, resume: str | None) -> None:
+    """Everything about the request that can be known before a model loads.
+
+    A value is None when it arrives through a link, which ComfyUI does not resolve at validation;
+    the check that needs it runs again in `execute`. Validation skips ComfyUI's own option checks for
+    the inputs it takes, so the combos taken here are checked here.
+    """
+    if preset is not None and preset not in RECIPES:
+        raise DCOError(f"preset {preset!r} is not a recipe; choose one of {', '.join(RECIPES)}.")
+    if resume is not None and resume not in ("off", "latest"):
+        raise DCOError(f"resume {resume!r} is not an option; choose off or latest.")
+    token_map = parse_tokens(tokens) if tokens is not None else None
+    dataset = resolve_dataset(dataset_dir) if dataset_dir is not None else None
+    is_config = dataset is not None and dataset.is_file()
+    if preset == "subject" and token_map == {} and dataset is not None and not is_config:
+        raise DCOError("tokens is empty, but the subject preset learns new tokens that the captions contain; give "
+                       "them as <dog>=dog (token=starting word), or choose the style preset.")
+    if output_name is not None:
+        needs_embeddings = bool(token_map) or (preset == "subject" and token_map is None)
+        plan_outputs(output_name, bool(overwrite), resume or "off", needs_embeddings, clear=False)
 
 
 def _relative(path: Path | None, kind: str) -> str:
@@ -301,13 +374,16 @@ class DCOTrainer(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, output_name: str = "", dataset_dir: str = "", **kwargs: Any) -> bool | str:
-        import folder_paths
+    def validate_inputs(cls, dataset_dir: str | None = None, preset: str | None = None, tokens: str | None = None,
+                        output_name: str | None = None, overwrite: bool | None = None,
+                        resume: str | None = None) -> bool | str:
+        """Refuse a request that cannot train before anything loads.
 
+        The inputs are named (no **kwargs): ComfyUI attaches the message to each input this takes
+        and range-checks only the inputs it does not take.
+        """
         try:
-            safe_output_path(folder_paths.get_folder_paths("loras")[0], output_name, overwrite=True)
-            if dataset_dir:
-                resolve_dataset(dataset_dir)
+            check_request(dataset_dir, preset, tokens, output_name, overwrite, resume)
         except DCOError as exc:
             return str(exc)
         return True
@@ -341,6 +417,7 @@ class DCOTrainer(io.ComfyNode):
         from .embeddings import add_tokens
 
         require_engine()
+        check_request(dataset_dir, preset, tokens, output_name, overwrite, resume)
         check_sdxl(model)
         dataset = resolve_dataset(dataset_dir)
         cfg = build_config(preset, dataset, config_name, tokens, steps, rank, learning_rate, text_encoder_lr, beta,
