@@ -6,7 +6,9 @@ MODEL/CLIP (whose state dicts are SGM-layout too). The key conversion is diffuse
 (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`,
 `convert_open_clip_checkpoint`); this module derives the architecture from tensor shapes, so toy
 models convert as well as the real one, and builds the modules on the meta device so the
-converted modules share storage with the given tensors (no copy).
+converted modules share storage with the given tensors (no copy). The UNet's transformer depths
+are read per block (input, middle, output), so every layout ComfyUI loads as SDXL converts:
+SDXL, SSD-1B, Segmind-Vega and KOALA (`KNOWN_LAYOUTS`, `unet_layout`).
 
 `components_to_sgm` goes the other way; it exists to write single-file checkpoints of the tiny
 model (tests, demo) and needs no library counterpart.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -35,8 +38,73 @@ def _count(keys: list[str], pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def unet_ldm_params(sd: Mapping[str, torch.Tensor], prefix: str = UNET_PREFIX) -> dict[str, Any]:
-    """The SGM `network_config.params` of an SDXL-like UNet, read from its weights."""
+# The transformer depths of every UNet ComfyUI loads as SDXL (comfy/supported_models.py: SDXL and
+# its subclasses SSD1B, Segmind_Vega, KOALA_700M, KOALA_1B; depths from comfy/model_detection.py),
+# as (res blocks per level, input blocks, middle, output blocks). Input and output depths are
+# listed per res block in block order (output_blocks.0 first, unlike ComfyUI's reversed
+# `transformer_depth_output`); the middle is ComfyUI's convention: -1 = one res block and no
+# transformer, -2 = no middle block. Used to name a layout in messages and by the tests.
+KNOWN_LAYOUTS: dict[str, tuple[int, tuple[int, ...], int, tuple[int, ...]]] = {
+    "SDXL": (2, (0, 0, 2, 2, 10, 10), 10, (10, 10, 10, 2, 2, 2, 0, 0, 0)),
+    "SSD-1B": (2, (0, 0, 2, 2, 4, 4), -1, (4, 4, 10, 2, 1, 1, 0, 0, 0)),
+    "Segmind-Vega": (2, (0, 0, 1, 1, 2, 2), -1, (2, 2, 2, 1, 1, 1, 0, 0, 0)),
+    "KOALA-700M": (1, (0, 2, 5), -2, (5, 5, 2, 2, 0, 0)),
+    "KOALA-1B": (1, (0, 2, 6), 6, (6, 6, 2, 2, 0, 0)),
+}
+MIDDLE_RESNET_ONLY, NO_MIDDLE = -1, -2
+
+
+@dataclass(frozen=True)
+class UNetLayout:
+    """The block structure of an SDXL-class UNet, read from its SGM weights.
+
+    SDXL-class models differ in where their transformer blocks are: SSD-1B and Segmind-Vega keep
+    SDXL's levels but have other depths in the input, middle and output blocks (the output blocks
+    of one level may even differ among themselves), KOALA drops res blocks and the middle. So each
+    depth is read on its own rather than derived from the input blocks.
+    """
+
+    in_channels: int
+    out_channels: int
+    model_channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int
+    input_depths: tuple[tuple[int, ...], ...]  # per level (highest resolution first), per res block
+    middle_depth: int  # transformer blocks in the middle; MIDDLE_RESNET_ONLY or NO_MIDDLE
+    output_depths: tuple[tuple[int, ...], ...]  # per up level (lowest resolution first, as up_blocks), per block
+    context_dim: int
+    adm_in_channels: int
+    use_linear_in_transformer: bool
+
+    @property
+    def name(self) -> str:
+        """The model family this layout belongs to ("SSD-1B"), or its depths when none matches."""
+        flat_in = tuple(d for level in self.input_depths for d in level)
+        flat_out = tuple(d for level in self.output_depths for d in level)
+        for name, (res, inp, mid, out) in KNOWN_LAYOUTS.items():
+            if (res, inp, mid, out) == (self.num_res_blocks, flat_in, self.middle_depth, flat_out):
+                return name
+        return self.describe()
+
+    def describe(self) -> str:
+        middle = {MIDDLE_RESNET_ONLY: "a res block only", NO_MIDDLE: "none"}.get(self.middle_depth, str(self.middle_depth))
+        return (f"an SDXL-class UNet with transformer depths {[list(x) for x in self.input_depths]} in the input "
+                f"blocks, {middle} in the middle and {[list(x) for x in self.output_depths]} in the output blocks")
+
+
+def _block_depths(keys: list[str], kind: str) -> dict[int, int]:
+    """{block index: transformer blocks} of `input_blocks` / `output_blocks` (absent = no attention)."""
+    depths: dict[int, int] = {}
+    pattern = re.compile(rf"{kind}\.(\d+)\.1\.transformer_blocks\.(\d+)\.")
+    for k in keys:
+        if m := pattern.match(k):
+            block, t = int(m.group(1)), int(m.group(2))
+            depths[block] = max(depths.get(block, 0), t + 1)
+    return depths
+
+
+def unet_layout(sd: Mapping[str, torch.Tensor], prefix: str = UNET_PREFIX) -> UNetLayout:
+    """The `UNetLayout` of the SGM-layout UNet weights in `sd` (keys under `prefix`)."""
     keys = [k[len(prefix):] for k in sd if k.startswith(prefix)]
     if "input_blocks.0.0.weight" not in keys:
         raise DCOError("The weights hold no SDXL UNet (no input_blocks.0.0.weight); is this an SDXL checkpoint?")
@@ -45,35 +113,66 @@ def unet_ldm_params(sd: Mapping[str, torch.Tensor], prefix: str = UNET_PREFIX) -
     g = lambda k: sd[prefix + k]  # noqa: E731
     model_channels = int(g("input_blocks.0.0.weight").shape[0])
     n_input = _count(keys, r"input_blocks\.(\d+)\.")
+    n_output = _count(keys, r"output_blocks\.(\d+)\.")
     downsamples = [i for i in range(n_input) if f"input_blocks.{i}.0.op.weight" in keys]
     levels = len(downsamples) + 1
     num_res_blocks = (n_input - 1 - len(downsamples)) // levels
-    channel_mult, attention_resolutions, depth = [], [], []
-    for level in range(levels):
-        first = 1 + level * (num_res_blocks + 1)
-        out_ch = int(g(f"input_blocks.{first}.0.out_layers.3.weight").shape[0])
-        channel_mult.append(out_ch // model_channels)
-        d = _count(keys, rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\.")
-        depth.append(d)
-        if d:
-            attention_resolutions.append(2**level)
+    uniform = downsamples == [(level + 1) * (num_res_blocks + 1) for level in range(levels - 1)]
+    if not uniform or n_output != levels * (num_res_blocks + 1) or num_res_blocks < 1:
+        raise DCOError(
+            f"The UNet's {n_input} input and {n_output} output blocks over {levels} levels do not have the same number "
+            "of res blocks at every level; diffusers' SDXL UNet cannot hold this layout, so it cannot be trained."
+        )
+    ins, outs = _block_depths(keys, "input_blocks"), _block_depths(keys, "output_blocks")
+    input_depths = tuple(
+        tuple(ins.get(1 + level * (num_res_blocks + 1) + j, 0) for j in range(num_res_blocks)) for level in range(levels)
+    )
+    output_depths = tuple(
+        tuple(outs.get(level * (num_res_blocks + 1) + j, 0) for j in range(num_res_blocks + 1)) for level in range(levels)
+    )
+    channel_mult = tuple(
+        int(g(f"input_blocks.{1 + level * (num_res_blocks + 1)}.0.out_layers.3.weight").shape[0]) // model_channels
+        for level in range(levels)
+    )
+    if "middle_block.1.proj_in.weight" in keys:
+        middle = _count(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\.")
+    else:
+        middle = MIDDLE_RESNET_ONLY if "middle_block.0.in_layers.0.weight" in keys else NO_MIDDLE
     ctx_keys = [k for k in keys if k.endswith("attn2.to_k.weight")]
     if not ctx_keys:
         raise DCOError("The UNet has no cross-attention layers; it is not an SDXL UNet.")
     proj_in = g(next(k for k in keys if k.endswith(".1.proj_in.weight")))
+    return UNetLayout(
+        in_channels=int(g("input_blocks.0.0.weight").shape[1]), out_channels=int(g("out.2.weight").shape[0]),
+        model_channels=model_channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
+        input_depths=input_depths, middle_depth=middle, output_depths=output_depths,
+        context_dim=int(g(ctx_keys[0]).shape[1]), adm_in_channels=int(g("label_emb.0.0.weight").shape[1]),
+        use_linear_in_transformer=proj_in.ndim == 2,
+    )
+
+
+def unet_ldm_params(sd: Mapping[str, torch.Tensor], prefix: str = UNET_PREFIX) -> dict[str, Any]:
+    """The SGM `network_config.params` of an SDXL-like UNet, read from its weights (one depth per
+    level, the input blocks'; `unet_layout` has every block's)."""
+    layout = unet_layout(sd, prefix)
+    return _ldm_params(layout)
+
+
+def _ldm_params(layout: UNetLayout) -> dict[str, Any]:
+    depth = [max(level) for level in layout.input_depths]
     return {
-        "in_channels": int(g("input_blocks.0.0.weight").shape[1]),
-        "out_channels": int(g("out.2.weight").shape[0]),
-        "model_channels": model_channels,
-        "channel_mult": channel_mult,
-        "num_res_blocks": num_res_blocks,
-        "attention_resolutions": attention_resolutions,
+        "in_channels": layout.in_channels,
+        "out_channels": layout.out_channels,
+        "model_channels": layout.model_channels,
+        "channel_mult": list(layout.channel_mult),
+        "num_res_blocks": layout.num_res_blocks,
+        "attention_resolutions": [2**level for level, d in enumerate(depth) if d],
         "transformer_depth": [max(d, 1) for d in depth],
-        "transformer_depth_middle": _count(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\."),
-        "context_dim": int(g(ctx_keys[0]).shape[1]),
-        "adm_in_channels": int(g("label_emb.0.0.weight").shape[1]),
+        "transformer_depth_middle": layout.middle_depth,
+        "context_dim": layout.context_dim,
+        "adm_in_channels": layout.adm_in_channels,
         "num_classes": "sequential",
-        "use_linear_in_transformer": proj_in.ndim == 2,
+        "use_linear_in_transformer": layout.use_linear_in_transformer,
     }
 
 
@@ -104,48 +203,133 @@ def _original_config(unet_params: dict[str, Any], vae_params: dict[str, Any] | N
 
 
 # ------------------------------------------------------------------------------- SGM -> diffusers
-def _load_module(cls: Any, config: dict[str, Any], state: dict[str, torch.Tensor], what: str):
-    """Build `cls(config)` on the meta device and assign `state` (shares storage, no copy)."""
+def _load_module(cls: Any, config: Any, state: dict[str, torch.Tensor], what: str, build: Any = None,
+                 layout: str | None = None):
+    """Build `cls(config)` (or `build()`) on the meta device and assign `state` (shares storage, no copy)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        module = cls(config) if not isinstance(config, dict) else cls(**config)
+        if build is not None:
+            module = build()
+        else:
+            module = cls(config) if not isinstance(config, dict) else cls(**config)
     own = module.state_dict()
     state = {k: v for k, v in state.items() if k in own or not k.endswith("position_ids")}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
+        target = f"the diffusers {what} built for {layout}" if layout else f"an SDXL {what}"
         raise DCOError(
-            f"The {what} weights do not match an SDXL {what}: {len(missing)} missing (e.g. {missing[:2]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})."
+            f"The {what} weights do not match {target}: {len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}); this layout cannot be trained."
         )
     module.load_state_dict(state, strict=True, assign=True)
     return module
 
 
-def unet_from_sgm(sd: Mapping[str, torch.Tensor], prefix: str = UNET_PREFIX, num_head_channels: int = HEAD_WIDTH):
-    """A diffusers UNet2DConditionModel sharing storage with the SGM-layout tensors in `sd`."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+def _level_depth(depths: tuple[int, ...]) -> int | list[int]:
+    """One level's depths as diffusers takes them: an int when every block has the same."""
+    return depths[0] if len(set(depths)) == 1 else list(depths)
 
-    params = {**unet_ldm_params(sd, prefix), "num_head_channels": num_head_channels}
-    ckpt = {("model.diffusion_model." + k[len(prefix):]): v for k, v in sd.items() if k.startswith(prefix)}
+
+def unet_config_from_layout(layout: UNetLayout, ckpt: Mapping[str, torch.Tensor],
+                            num_head_channels: int = HEAD_WIDTH) -> dict[str, Any]:
+    """The `UNet2DConditionModel` config of an SDXL-class `layout` (`ckpt`: its weights, SGM keys).
+
+    diffusers' `create_unet_diffusers_config_from_ldm` takes one transformer depth per level from
+    the input blocks and mirrors it into the up blocks and the middle, which fits SDXL but not
+    SSD-1B, Segmind-Vega or KOALA. It still gives the base config; this sets each down block's
+    depths (`transformer_layers_per_block`, a list per level where its blocks differ), the up
+    blocks' (`reverse_transformer_layers_per_block`, only where they are not the mirror image, so
+    SDXL's config stays diffusers' own), the block types of both from their own depths, and the
+    middle's type (cross-attention, a lone res block, or none). A middle whose depth differs from
+    what diffusers derives is rebuilt after construction (`build_unet`).
+    """
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+
+    for what, levels in (("input", layout.input_depths), ("output", layout.output_depths)):
+        for i, level in enumerate(levels):
+            if 0 in level and any(level):
+                raise DCOError(
+                    f"The UNet is {layout.name}: level {i} of its {what} blocks mixes blocks with and without "
+                    f"attention (depths {list(level)}); diffusers' UNet cannot hold that, so it cannot be trained."
+                )
     with warnings.catch_warnings():  # image_size is deprecated, but without it the helper guesses from keys
         warnings.simplefilter("ignore", FutureWarning)
-        config = create_unet_diffusers_config_from_ldm(_original_config(params, None), ckpt, image_size=1024)
+        config = create_unet_diffusers_config_from_ldm(
+            _original_config({**_ldm_params(layout), "num_head_channels": num_head_channels}, None), dict(ckpt),
+                                                       image_size=1024)
+    down = [_level_depth(level) if any(level) else 1 for level in layout.input_depths]
+    up = [_level_depth(level) if any(level) else 1 for level in layout.output_depths]
+    mirrored = all(isinstance(d, int) for d in down) and up == down[::-1]
+    middle_type = {MIDDLE_RESNET_ONLY: "UNetMidBlock2D", NO_MIDDLE: None}.get(layout.middle_depth, "UNetMidBlock2DCrossAttn")
     # The helper only recognises SDXL at context width 2048/1280, and its head count rounds to 0
     # for narrow toy models; both are fixed here so any SDXL-shaped UNet converts.
     config.update(
         addition_embed_type="text_time",
         addition_time_embed_dim=256,
         class_embed_type=None,
-        projection_class_embeddings_input_dim=params["adm_in_channels"],
+        projection_class_embeddings_input_dim=layout.adm_in_channels,
         attention_head_dim=[max(1, c // num_head_channels) for c in config["block_out_channels"]],
-        transformer_layers_per_block=params["transformer_depth"],
-        out_channels=params["out_channels"],
+        down_block_types=["CrossAttnDownBlock2D" if any(level) else "DownBlock2D" for level in layout.input_depths],
+        up_block_types=["CrossAttnUpBlock2D" if any(level) else "UpBlock2D" for level in layout.output_depths],
+        transformer_layers_per_block=down,
+        reverse_transformer_layers_per_block=None if mirrored else up,
+        mid_block_type=middle_type,
+        out_channels=layout.out_channels,
     )
+    return config
+
+
+def _derived_middle_depth(config: Mapping[str, Any]) -> int:
+    """The middle depth diffusers builds: the last down level's (first) depth."""
+    last = config["transformer_layers_per_block"][-1]
+    return last if isinstance(last, int) else last[0]
+
+
+def build_unet(config: Mapping[str, Any], middle_depth: int):
+    """`UNet2DConditionModel(**config)` whose cross-attention middle has `middle_depth` blocks.
+
+    diffusers gives the middle the depth of the last down level and has no setting of its own for
+    it; a layout whose middle differs gets a middle block built by diffusers' own `get_mid_block`
+    with the model's settings (the config then still names the derived depth, so save such a
+    UNet through `components_to_sgm`, not `save_pretrained`).
+    """
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(**config)
+    if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn" or \
+            middle_depth == _derived_middle_depth(config):
+        return unet
+    from diffusers.models.unets.unet_2d_blocks import get_mid_block
+
+    c = unet.config
+    heads = c.num_attention_heads or c.attention_head_dim
+    heads = heads[-1] if isinstance(heads, (list, tuple)) else heads
+    unet.mid_block = get_mid_block(
+        "UNetMidBlock2DCrossAttn", temb_channels=unet.time_embedding.linear_2.out_features,
+        in_channels=c.block_out_channels[-1], resnet_eps=c.norm_eps, resnet_act_fn=c.act_fn,
+        resnet_groups=c.norm_num_groups, output_scale_factor=c.mid_block_scale_factor,
+        transformer_layers_per_block=middle_depth, num_attention_heads=heads, cross_attention_dim=c.cross_attention_dim,
+        dual_cross_attention=c.dual_cross_attention, use_linear_projection=c.use_linear_projection,
+        upcast_attention=c.upcast_attention, resnet_time_scale_shift=c.resnet_time_scale_shift,
+        attention_type=c.attention_type, attention_head_dim=heads, dropout=c.dropout,
+    )
+    return unet
+
+
+def unet_from_sgm(sd: Mapping[str, torch.Tensor], prefix: str = UNET_PREFIX, num_head_channels: int = HEAD_WIDTH):
+    """A diffusers UNet2DConditionModel sharing storage with the SGM-layout tensors in `sd`, for
+    any layout ComfyUI loads as SDXL (`KNOWN_LAYOUTS`)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    layout = unet_layout(sd, prefix)
+    ckpt = {("model.diffusion_model." + k[len(prefix):]): v for k, v in sd.items() if k.startswith(prefix)}
+    config = unet_config_from_layout(layout, ckpt, num_head_channels)
     state = convert_ldm_unet_checkpoint(ckpt, config)
-    return _load_module(UNet2DConditionModel, config, state, "UNet")
+    return _load_module(UNet2DConditionModel, config, state, "UNet", build=lambda: build_unet(config, layout.middle_depth),
+                        layout=layout.name)
 
 
 def vae_from_sgm(sd: Mapping[str, torch.Tensor], prefix: str = VAE_PREFIX, scaling_factor: float = 0.13025):

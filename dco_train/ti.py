@@ -12,6 +12,7 @@ the norm it started with.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -29,7 +30,9 @@ class TokenRows(nn.Module):
 
     def __init__(self, embedding: nn.Embedding, token_ids: Sequence[int], init_rows: torch.Tensor):
         super().__init__()
-        self.embedding = [embedding]  # a list, so the table is not registered as a submodule
+        # a weak reference: not registered as a submodule, and no cycle through the hooks the
+        # table holds on these rows (the table is freed with its encoder, not at the next gc)
+        self.embedding = weakref.ref(embedding)
         self.register_buffer("ids", torch.tensor(list(token_ids), dtype=torch.long), persistent=False)
         self.rows = nn.Parameter(init_rows.detach().float().clone())
         self.register_buffer("init_norm", self.rows.detach().norm(dim=-1), persistent=False)
@@ -39,7 +42,7 @@ class TokenRows(nn.Module):
     # ---- hooks
     def attach(self) -> "TokenRows":
         if not self._handles:
-            emb = self.embedding[0]
+            emb = self.embedding()
             self._handles = [emb.register_forward_pre_hook(self._pre), emb.register_forward_hook(self._post)]
         return self
 

@@ -573,4 +573,10 @@ def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
 def train(cfg: TrainConfig, components: SDXLComponents, run: RunOptions, data: TrainData | None = None) -> TrainResult:
     """Train a DCO LoRA (and TI tokens) and write its files. The components are modified in place
     (the LoRA is injected, tokens are added); pass fresh ones for every run."""
-    return _Trainer(cfg, components, run, data).fit()
+    trainer = _Trainer(cfg, components, run, data)
+    try:
+        return trainer.fit()
+    finally:
+        # Callbacks bound to the trainer (the drift meter's) refer back to it; emptying it breaks
+        # that cycle, so the optimizer and the model copies are freed now, not at the next gc.
+        trainer.__dict__.clear()

@@ -60,6 +60,43 @@ MID_UNET: dict[str, Any] = {
 
 LAYOUTS = {"tiny": TINY_UNET, "mid": MID_UNET}
 
+# Toy versions of the SDXL subclasses ComfyUI knows (comfy/supported_models.py), in ComfyUI's
+# `unet_config` convention (`transformer_depth` per input res block, `transformer_depth_output`
+# per output block from the last one back, middle -1 = a res block only, -2 = none), each with
+# the supported-models class that loads it:
+# - ssd1b: output depths that differ within a level, a middle without transformer (SSD-1B);
+# - vega: mirrored input/output depths, a middle without transformer (Segmind-Vega);
+# - koala: one res block per level and no middle (KOALA-700M);
+# - deep_middle: a middle deeper than the last level (diffusers cannot say so in its config);
+# - mixed: a level whose blocks have and have not attention, which cannot be trained.
+TINY_ASYMMETRIC: dict[str, tuple[str, dict[str, Any]]] = {
+    "ssd1b": ("SSD1B", {"channel_mult": [1, 1, 2], "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 1, 2, 2, 2],
+                        "transformer_depth_output": [0, 0, 0, 1, 1, 2, 3, 1, 2], "transformer_depth_middle": -1}),
+    "vega": ("Segmind_Vega", {"channel_mult": [1, 1, 2], "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 1, 1, 2, 2],
+                              "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2], "transformer_depth_middle": -1}),
+    "koala": ("KOALA_700M", {"channel_mult": [1, 1, 2], "num_res_blocks": [1, 1, 1], "transformer_depth": [0, 1, 2],
+                             "transformer_depth_output": [0, 0, 1, 1, 2, 2], "transformer_depth_middle": -2}),
+    "deep_middle": ("SDXL", {"transformer_depth_middle": 3}),
+    "mixed": ("SDXL", {"channel_mult": [1, 2], "num_res_blocks": [2, 2], "transformer_depth": [0, 0, 1, 0],
+                       "transformer_depth_output": [0, 0, 0, 1, 1, 1], "transformer_depth_middle": 1}),
+}
+
+# The real layouts, as ComfyUI's own table lists them (comfy/model_detection.py,
+# unet_config_from_diffusers_unet), with the class ComfyUI loads each as. Build them on the meta
+# device only (`true_shape_model`): SDXL's UNet alone is 2.6 B parameters.
+TRUE_LAYOUTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "SDXL": ("SDXL", {"num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
+                      "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]}),
+    "SSD-1B": ("SSD1B", {"num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 4, 4], "transformer_depth_middle": -1,
+                         "transformer_depth_output": [0, 0, 0, 1, 1, 2, 10, 4, 4]}),
+    "Segmind-Vega": ("Segmind_Vega", {"num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 1, 1, 2, 2],
+                                      "transformer_depth_middle": -1, "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2]}),
+    "KOALA-700M": ("KOALA_700M", {"num_res_blocks": [1, 1, 1], "transformer_depth": [0, 2, 5], "transformer_depth_middle": -2,
+                                  "transformer_depth_output": [0, 0, 2, 2, 5, 5]}),
+    "KOALA-1B": ("KOALA_1B", {"num_res_blocks": [1, 1, 1], "transformer_depth": [0, 2, 6], "transformer_depth_middle": 6,
+                              "transformer_depth_output": [0, 0, 2, 2, 6, 6]}),
+}
+
 TINY_VAE_PARAMS: dict[str, Any] = {
     "embed_dim": 4,
     "ddconfig": {
@@ -157,6 +194,46 @@ def build_model(layout: str = "tiny", seed: int = 0, prediction: str = "eps", dt
     model = mc.get_model(marker, "")
     model.load_model_weights(random_state_dict(model.diffusion_model.state_dict(), seed), "")
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def layout_unet_config(name: str) -> tuple[str, dict[str, Any]]:
+    """(supported-models class name, `unet_config`) of a `TINY_ASYMMETRIC` layout."""
+    cls_name, overrides = TINY_ASYMMETRIC[name]
+    return cls_name, {**unet_config("tiny"), **{k: (list(v) if isinstance(v, list) else v) for k, v in overrides.items()}}
+
+
+def build_layout_model(name: str, seed: int = 0, dtype: Any = None) -> Any:
+    """A `ModelPatcher` of the tiny asymmetric layout `name` (`TINY_ASYMMETRIC`), built by the
+    ComfyUI class that loads such a checkpoint (SSD1B, Segmind_Vega, KOALA_700M, SDXL)."""
+    import torch
+
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    dtype = dtype or torch.float32
+    cls_name, config = layout_unet_config(name)
+    config["dtype"] = dtype
+    mc = getattr(comfy.supported_models, cls_name)(config)
+    mc.unet_config["num_head_channels"] = config["num_head_channels"]  # the class forces 64
+    mc.set_inference_dtype(dtype, None)
+    model = mc.get_model({}, "")
+    model.load_model_weights(random_state_dict(model.diffusion_model.state_dict(), seed), "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def true_shape_model(name: str) -> Any:
+    """The `comfy.model_base` model of a real SDXL-class layout (`TRUE_LAYOUTS`) on the meta device:
+    true shapes, no memory. Built as ComfyUI builds a checkpoint it detected as `name`."""
+    import torch
+
+    import comfy.supported_models
+
+    cls_name, depths = TRUE_LAYOUTS[name]
+    config = {**unet_config("tiny"), "model_channels": 320, "channel_mult": [1, 2, 4], "num_head_channels": 64,
+              "context_dim": 2048, "adm_in_channels": 2816, "dtype": torch.float16, **depths}
+    mc = getattr(comfy.supported_models, cls_name)(config)
+    return mc.get_model({}, "", device=torch.device("meta"))
 
 
 def build_clip(seed: int = 0, embedding_directory: str | list[str] | None = None) -> Any:
