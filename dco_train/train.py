@@ -32,10 +32,11 @@ from .data import TrainData, encode_dataset, load_dataset_spec, vae_encoder
 from .drift import DriftMeter
 from .errors import DCOError
 from .formats import save_embeddings, save_lora
-from .lora import TEXT_TARGETS, UNET_TARGETS, add_lora, load_lora_state_dict, lora_disabled, lora_state_dict
-from .loss import dco_loss, diffusion_target, min_snr_weight, per_sample_error
+from .lora import TEXT_TARGETS, UNET_TARGETS, add_lora, load_lora_state_dict, lora_state_dict
+from .loss import diffusion_target, min_snr_weight
 from .models import SDXLComponents
 from .order import DataOrder
+from .step import dco_step
 from .text import PromptEmbeds, encode_prompts
 from .ti import TokenSet, add_tokens
 
@@ -320,28 +321,19 @@ class _Trainer:
         target = diffusion_target(noise, x0, t, self.noise_scheduler, self.prediction_type)
         time_ids = torch.stack([it.time_ids for it in items]).to(self.device)
         base = PromptEmbeds.cat([self.cache[it.base_prompt] for it in items])
-        unet = self.comps.unet
-
-        err_ref = None
-        if cfg.uses_reference:
-            with torch.no_grad(), lora_disabled(unet), self.autocast():
-                ref = unet(x_t, t, encoder_hidden_states=base.embeds,
-                           added_cond_kwargs={"text_embeds": base.pooled, "time_ids": time_ids}).sample
-            err_ref = per_sample_error(ref, target)
-        with self.autocast():
-            if self.needs_text_grad:
-                cond = self._encode_batch([it.prompt for it in items])
-            else:
-                cond = PromptEmbeds.cat([self.cache[it.prompt] for it in items])
-            pred = unet(x_t, t, encoder_hidden_states=cond.embeds,
-                        added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": time_ids}).sample
-        err_model = per_sample_error(pred, target)
         weights = None
         if cfg.snr_gamma:
             from diffusers.training_utils import compute_snr
 
             weights = min_snr_weight(compute_snr(self.noise_scheduler, t), cfg.snr_gamma, self.prediction_type)
-        return dco_loss(err_model, err_ref, cfg.dco_beta, weights, per_sample=cfg.dco_per_sample)
+
+        def cond() -> PromptEmbeds:
+            if self.needs_text_grad:
+                return self._encode_batch([it.prompt for it in items])
+            return PromptEmbeds.cat([self.cache[it.prompt] for it in items])
+
+        return dco_step(self.comps.unet, x_t, t, target, time_ids, base, cond, cfg.dco_beta, cfg.uses_reference,
+                        weights, per_sample=cfg.dco_per_sample, autocast=self.autocast)
 
     def _optimizer_step(self) -> dict[str, float | None]:
         cfg = self.cfg
