@@ -172,6 +172,14 @@ def attention_projections(unet: Any) -> set[str]:
     return {"lora_unet_" + n.replace(".", "_") for n, _ in unet.named_modules() if ATTENTION_PROJECTION.search(n)}
 
 
+def find_lora(out: Path) -> Path:
+    """The LoRA the CLI wrote: diffusers' folder name, else the older `lora.safetensors`."""
+    for name in ("pytorch_lora_weights.safetensors", "lora.safetensors"):
+        if (out / name).is_file():
+            return out / name
+    raise SystemExit(f"no LoRA file in {out}: {sorted(p.name for p in out.iterdir())}")
+
+
 def check_lora(lora_path: Path, unet: Any) -> dict[str, int]:
     from safetensors import safe_open
 
@@ -260,20 +268,21 @@ def write_dataset(folder: Path, size: int, n: int = 2) -> Path:
     return folder
 
 
-def train_command(ckpt: Path, data: Path, out: Path, tok: Path, resolution: int, steps: int) -> list[str]:
+def train_command(ckpt: Path, data: Path, out: Path, tok: Path, resolution: int, steps: int,
+                  mixed_precision: str = "bf16") -> list[str]:
     return [sys.executable, "-m", "dco_train", "train", "--pretrained_model_name_or_path", str(ckpt),
             "--tokenizer_dir", str(tok), "--data_dir", str(data), "--output_dir", str(out),
             "--preset", "subject", "--tokens", "<obj>=toy", "--train_text_encoder_ti", "--rank", "32",
-            "--resolution", str(resolution), "--max_train_steps", str(steps), "--mixed_precision", "bf16",
+            "--resolution", str(resolution), "--max_train_steps", str(steps), "--mixed_precision", mixed_precision,
             "--cpu", "--checkpointing_steps", "0", "--drift_every", "0", "--validation_every", "0",
             "--report_to", "none", "--no_progress"]
 
 
-def run_training(cmd: list[str]) -> dict[str, float]:
+def run_training(cmd: list[str], engine: Path = REPO) -> dict[str, float]:
     """Run the CLI; its peak RSS comes from RUSAGE_CHILDREN (the first child this process waits for)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t = time.time()
-    proc = subprocess.run(cmd, cwd=str(REPO), text=True, capture_output=True)
+    proc = subprocess.run(cmd, cwd=str(engine), text=True, capture_output=True)
     wall = time.time() - t
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     sys.stderr.write(proc.stderr[-4000:])
@@ -290,6 +299,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=2, help="DCO steps (default: 2)")
     ap.add_argument("--tiny", action="store_true", help="the tiny model through the same path (seconds)")
     ap.add_argument("--keep", type=Path, default=None, help="keep the checkpoint and run in this folder")
+    ap.add_argument("--mixed-precision", default="bf16", help="the CLI's --mixed_precision (default: bf16)")
+    ap.add_argument("--engine", type=Path, default=REPO,
+                    help="the checkout whose `python -m dco_train` trains (default: this one), e.g. another branch's export")
     ap.add_argument("--no-comfy", action="store_true", help="skip the ComfyUI key-map check")
     return ap.parse_args(argv)
 
@@ -300,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     work = Path(tempfile.mkdtemp(prefix="dco-sdxl-cpu-")) if args.keep is None else args.keep
     work.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"cpu_run_resolution": args.resolution, "cpu_run_tiny": int(args.tiny)}
+    results: dict[str, Any] = {"cpu_run_resolution": args.resolution, "cpu_run_tiny": int(args.tiny),
+                               "cpu_run_mixed_precision": args.mixed_precision}
     failures: list[str] = []
     try:
         tok = tokenizer_folder(work, args.tiny)
@@ -321,10 +334,10 @@ def main(argv: list[str] | None = None) -> int:
 
         out = work / "run"
         data = write_dataset(work / "data", args.resolution)
-        cmd = train_command(ckpt, data, out, tok, args.resolution, args.steps)
-        print("# " + " ".join(cmd))
-        results.update(run_training(cmd))
-        lora = out / "pytorch_lora_weights.safetensors"
+        cmd = train_command(ckpt, data, out, tok, args.resolution, args.steps, args.mixed_precision)
+        print(f"# (in {args.engine}) " + " ".join(cmd), flush=True)
+        results.update(run_training(cmd, args.engine.resolve()))
+        lora = find_lora(out)
         results.update(check_lora(lora, modules[0]))
         if results["lora_missing"] or results["lora_modules"] < results["sdxl_attention_projections"]:
             failures.append("the LoRA misses attention projections")
@@ -339,9 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
-    results["cpu_run_wall_s"] = round(time.time() - t0, 1)
-    for name, value in results.items():
-        print(name, value)
+        results["cpu_run_wall_s"] = round(time.time() - t0, 1)
+        for name, value in results.items():
+            print(name, value, flush=True)
     for f in failures:
         print("FAILED:", f)
     return 1 if failures else 0
