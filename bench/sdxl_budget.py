@@ -46,6 +46,19 @@ def run_cpu() -> None:
 VALIDATE = dict(resolution=256, rank=64, ti=False, checkpointing=False, dtype="fp32")
 
 
+def _current_rss_kib() -> int | None:
+    """The resident set now (Linux). The baseline must be this, not the high-water mark so far:
+    importing torch and diffusers peaks above where it settles, and that peak would be subtracted
+    from the step's."""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def estimator_child() -> None:
     """The real step the estimator is checked against: the mid-size UNet in fp32 on the CPU, the
     engine's step forward + backward and one AdamW step. Prints the RSS high-water mark beyond the
@@ -61,7 +74,7 @@ def estimator_child() -> None:
     from dco_train.text import PromptEmbeds
 
     torch.manual_seed(0)
-    base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base_kib = _current_rss_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     s = Settings(**VALIDATE)
     unet = UNet2DConditionModel(**MID_UNET).requires_grad_(False)
     params = add_lora(unet, s.rank, s.rank, UNET_TARGETS)
@@ -79,17 +92,24 @@ def estimator_child() -> None:
     print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kib) * 1024)
 
 
-def estimator_over_measured() -> float:
+def estimator_over_measured(repeats: int = 3) -> float:
+    """The estimate over the median of `repeats` measured child runs (RSS is noisy on a shared machine)."""
+    import os
+    import statistics
     import subprocess
 
     from dco_train.budget import MID_UNET
 
-    out = subprocess.run([sys.executable, __file__, "--estimator-child"], capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    measured = int(out.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, __file__, "--estimator-child"], capture_output=True, text=True,
+                             check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        runs.append(int(out.stdout.strip().splitlines()[-1]))
+    measured = statistics.median(runs)
     est = measure_step(Settings(**VALIDATE), unet_config=MID_UNET, flops=False).peak
     print(f"estimator_mid_estimated_gib {est / GIB:.3f}")
     print(f"estimator_mid_measured_rss_gib {measured / GIB:.3f}")
+    print(f"estimator_mid_measured_rss_spread_gib {min(runs) / GIB:.3f}-{max(runs) / GIB:.3f}")
     return est / measured
 
 
@@ -97,10 +117,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1024² only")
     p.add_argument("--run-cpu", action="store_true", help="run bench/sdxl_cpu_run.py instead")
+    p.add_argument("--validate-only", action="store_true",
+                   help="only the estimator check: estimate vs measured RSS of a real mid-size CPU step")
     p.add_argument("--estimator-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.estimator_child:
         estimator_child()
+        return
+    if args.validate_only:
+        print(f"estimator_over_measured {estimator_over_measured():.3f}")
         return
     if args.run_cpu:
         run_cpu()
