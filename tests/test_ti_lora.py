@@ -77,18 +77,19 @@ def test_first_dco_loss_is_exactly_ln2_with_ti(tiny, subject_dir, tmp_path):
 
 def test_ti_rows_train_in_fp32_under_bf16_and_nothing_else_moves(tiny, subject_dir, tmp_path):
     """bf16 on the CPU (accelerate autocasts there too): the UNet computes in bf16, the TI rows stay
-    fp32 and move, the frozen tables do not. The frozen weights are held in the dtype
-    `weight_dtype` gives for the CPU (fp32 today; bf16 once the CPU keeps frozen weights in bf16)."""
+    fp32 and move, the frozen tables do not. The frozen weights are held in bf16 (`weight_dtype`), so
+    the rows start from, and keep the norm of, the word's row as rounded to bf16."""
     from dco_train.train import weight_dtype
 
-    tables = [e.get_input_embeddings().weight.detach().clone() for e in tiny.text_encoders]
+    frozen = weight_dtype("bf16", torch.device("cpu"))
+    tables = [e.get_input_embeddings().weight.detach().to(frozen).float() for e in tiny.text_encoders]
     computed: list[torch.dtype] = []
     hook = tiny.unet.conv_in.register_forward_hook(lambda m, i, o: computed.append(o.dtype))
     cfg = quick_config(data_dir=str(subject_dir), max_train_steps=5, mixed_precision="bf16", text_encoder_lr=1e-2)
     res = train(cfg, tiny, RunOptions(output_dir=tmp_path / "out", progress_bar=False, log_with=None, cpu=True))
     hook.remove()
     assert computed and all(d == torch.bfloat16 for d in computed), "the step did not run in bf16"
-    frozen = weight_dtype("bf16", torch.device("cpu"))
+    assert frozen == torch.bfloat16
     assert tiny.unet.conv_in.weight.dtype == frozen and tiny.text_encoder_2.get_input_embeddings().weight.dtype == frozen
     ts = res.token_set
     for rows, table, word_id in zip(ts.rows, tables, [t.convert_tokens_to_ids("toy</w>") for t in tiny.tokenizers]):
