@@ -105,7 +105,7 @@ def server(tmp_path_factory):
                              alpha=4.0, seed=1, text_encoders=True)
     gen = torch.Generator().manual_seed(0)
     formats.save_embeddings(base / "models" / "embeddings" / "pets.safetensors", formats.TokenEmbeddings(
-        tokens=["<dog>"], clip_l=torch.randn(1, 32, generator=gen), clip_g=torch.randn(1, 32, generator=gen),
+        tokens=["<dog>"], clip_l=torch.randn(1, harness.HIDDEN_L, generator=gen), clip_g=torch.randn(1, harness.HIDDEN_G, generator=gen),
         initializers=["dog"]))
     formats.save_embeddings(base / "models" / "embeddings" / "sd15.safetensors", formats.TokenEmbeddings(
         tokens=["<dog>"], clip_l=torch.randn(1, 768, generator=gen), clip_g=torch.randn(1, 1280, generator=gen)))
