@@ -148,3 +148,15 @@ def test_readme_node_reference_is_current():
     expected = node_schemas.reference_markdown()
     assert expected in README, ("The README's node reference is out of date with nodes/*.py; "
                                 "regenerate it with: python tests/node_schemas.py")
+
+
+@pytest.mark.parametrize("name", ["dco_train_subject", "dco_train_style"])
+def test_training_workflows_ship_settings_that_fit_12_gib(name, schemas):
+    """The shipped graphs train at 1024²: without gradient checkpointing the budget is ~15–18 GiB
+    (bench/sdxl_budget.py), so they must keep TrainConfig's default (on)."""
+    from dco_train.config import TrainConfig
+
+    (trainer,) = _nodes(_wf(name), "DCOTrainer")
+    v = _values(trainer, schemas["DCOTrainer"])
+    assert v["gradient_checkpointing"] is TrainConfig().gradient_checkpointing is True
+    assert v["batch_size"] == 1 and v["use_8bit_adam"] is False
