@@ -3,7 +3,7 @@
 Loads a checkpoint with ComfyUI's stock loader (`comfy.sd.load_checkpoint_guess_config`, as Load
 Checkpoint does, under inference mode), resets the RSS high-water mark, trains `--steps` DCO steps
 through the node, and prints the peak RSS beyond the loaded checkpoint. Run it in its own process
-under ComfyUI's venv, e.g. with the slim real-layout SDXL (`/work/shared/tools/make_slim_sdxl.py`):
+under ComfyUI's venv, e.g. with the slim real-layout SDXL (`../shared/tools/make_slim_sdxl.py`):
 
     ~/ComfyUI/.venv/bin/python bench/node_memory.py /tmp/slim_sdxl.safetensors
 """
