@@ -2,15 +2,21 @@
 // Pure ES module without DOM or ComfyUI imports, so Node's test runner imports it (tests/js/).
 //
 // Event payloads (nodes/trainer.py `_Progress.event`):
-//   {node, run, status: "start"|"running"|"done"|"interrupted"|"error", total, ...}
+//   {node, run, status: "start"|"setup"|"running"|"done"|"interrupted"|"error", total, ...}
+//   setup: phase ("Loading models", "Preparing data", "Caching prompt embeddings", "Training",
+//          "Rendering preview", "Saving"), done, and `total` = the phase's count (it replaces the
+//          run's total in the payload, so a setup event never sets the run's total)
 //   running: step, loss, err_model, err_ref (null when beta <= 0), reward_gap, lr, elapsed_s, eta_s,
 //            it_s, and drift / fit only on the steps where the drift meter ran; a baseline reading
-//            before training has step 0, drift and fit, and no loss
-//   done / interrupted: step; error: message
+//            before training has step 0, drift and fit, and no loss; after each validation preview
+//            one event with preview_s and preview_steps_equiv (its cost) and no loss
+//   done: step, per_image [{name, err_lora, err_base}], warnings [str]; interrupted: step;
+//   error: message
 // Each execution of a trainer sends a new 12-hex `run` id; a node always shows its newest run.
 
 export const DEFAULT_CAPACITY = 4096;
-export const STATUSES = ["start", "running", "done", "interrupted", "error"];
+export const STATUSES = ["start", "setup", "running", "done", "interrupted", "error"];
+export const MAX_PER_IMAGE = 256; // rows kept from a done event's per_image
 
 /** A fixed-size FIFO: pushing into a full buffer drops the oldest item. */
 export class RingBuffer {
@@ -95,6 +101,10 @@ export class TrainRun {
     this.monitor = new RingBuffer(capacity); // {step, drift, fit}
     this.preview = null; // URL of the latest validation preview
     this.finalImage = null; // URL of the final curve image (onExecuted)
+    this.phase = null; // {name, done, total} of the current set-up phase; cleared by the next step
+    this.previews = []; // {step, seconds, stepsEquiv} per validation preview
+    this.perImage = []; // {name, err_lora, err_base}, worst fit (highest err_lora) first
+    this.warnings = []; // dataset warnings of the done event
     this.events = 0;
   }
 
@@ -104,12 +114,29 @@ export class TrainRun {
 
   apply(ev) {
     this.events += 1;
-    const total = num(ev.total);
-    if (total !== null && total > 0) this.total = total;
     const status = STATUSES.includes(ev.status) ? ev.status : null;
+    const total = num(ev.total);
+    if (total !== null && total > 0 && status !== "setup") this.total = total;
+    if (status === "setup") {
+      if (typeof ev.phase !== "string" || !ev.phase) return false;
+      const done = num(ev.done);
+      const of = num(ev.total);
+      this.phase = { name: ev.phase, done: done ?? 0, total: of !== null && of > 0 ? of : null };
+      if (this.status === "start" || this.status === "setup") this.status = "setup";
+      return true;
+    }
+    if (status === "running" && ev.preview_s !== undefined) {
+      // a validation preview's cost: no chart point, so the replay rule below must not see its step
+      const seconds = num(ev.preview_s);
+      if (seconds === null) return false;
+      this.previews.push({ step: num(ev.step) ?? this.step, seconds, stepsEquiv: num(ev.preview_steps_equiv) });
+      if (this.phase?.name === "Rendering preview") this.phase = null;
+      return true;
+    }
     if (status === "running") {
       const step = num(ev.step);
       if (step === null) return false;
+      this.phase = null;
       // a step the buffer already holds means the run went back (a replay): forget from there on
       this.loss.popWhile((p) => p.step >= step);
       this.monitor.popWhile((p) => p.step >= step);
@@ -139,9 +166,13 @@ export class TrainRun {
       const step = num(ev.step);
       if (step !== null) this.step = step;
       this.status = status;
+      this.phase = null;
       this.etaS = status === "done" ? 0 : null;
+      if (Array.isArray(ev.per_image)) this.perImage = perImageRows(ev.per_image);
+      if (Array.isArray(ev.warnings)) this.warnings = ev.warnings.filter((w) => typeof w === "string" && w);
     } else if (status === "error") {
       this.status = "error";
+      this.phase = null;
       this.message = typeof ev.message === "string" ? ev.message : "training failed";
       this.etaS = null;
     } else {
@@ -163,6 +194,65 @@ export class TrainRun {
     }
     return [xs, ys];
   }
+}
+
+/** The done event's per-image errors as clean rows, the worst fit (highest err_lora) first. */
+export function perImageRows(list) {
+  const rows = [];
+  for (const r of list) {
+    if (!r || typeof r !== "object" || typeof r.name !== "string") continue;
+    rows.push({ name: r.name, err_lora: num(r.err_lora), err_base: num(r.err_base) });
+  }
+  rows.sort((a, b) => (b.err_lora ?? -Infinity) - (a.err_lora ?? -Infinity) || a.name.localeCompare(b.name));
+  return rows.slice(0, MAX_PER_IMAGE);
+}
+
+/**
+ * What the validation previews cost so far: {count, seconds, last, share} where `last` is the newest
+ * preview's {step, seconds, stepsEquiv} and `share` the fraction of the elapsed time spent on
+ * previews (null while the elapsed time is unknown).
+ */
+export function previewCost(run) {
+  if (!run || run.previews.length === 0) return null;
+  const seconds = run.previews.reduce((s, p) => s + p.seconds, 0);
+  const share = run.elapsedS && run.elapsedS > 0 ? Math.min(1, seconds / run.elapsedS) : null;
+  return { count: run.previews.length, seconds, last: run.previews[run.previews.length - 1], share };
+}
+
+/** The line the monitor shows about preview cost, or "" before the first preview. */
+export function previewCostLine(run) {
+  const cost = previewCost(run);
+  if (!cost) return "";
+  const { last } = cost;
+  const equiv = last.stepsEquiv === null ? "" : ` ≈ ${formatValue(last.stepsEquiv)} steps`;
+  const share = cost.share === null ? "" : ` · ${Math.round(cost.share * 100)} % of the time so far`;
+  const count = cost.count === 1 ? "1 preview" : `${cost.count} previews, ${formatDuration(cost.seconds)} in all`;
+  return `last preview ${formatValue(last.seconds)} s${equiv} (${count})${share}`;
+}
+
+/** A set-up phase as text: "Caching prompt embeddings 3/10", or just its name without counts. */
+export function phaseLine(phase) {
+  if (!phase) return "";
+  return phase.total ? `${phase.name} ${Math.min(phase.done, phase.total)}/${phase.total}` : phase.name;
+}
+
+/** The phase's progress in [0, 1], or null when it has no counts. */
+export function phaseFraction(phase) {
+  if (!phase || !phase.total) return null;
+  return Math.max(0, Math.min(1, phase.done / phase.total));
+}
+
+/**
+ * The per-image lines the monitor shows after a run: the `limit` worst-fitting images, each with its
+ * error with the LoRA on and off.
+ */
+export function perImageLines(run, limit = 3) {
+  if (!run || run.perImage.length === 0) return [];
+  const lines = run.perImage.slice(0, limit).map(
+    (r) => `${r.name}: ${formatValue(r.err_lora)} with the LoRA, ${formatValue(r.err_base)} without`,
+  );
+  if (run.perImage.length > limit) lines.push(`… ${run.perImage.length - limit} more (all on the curve image)`);
+  return lines;
 }
 
 /**
@@ -261,9 +351,12 @@ export function statusLine(run) {
   switch (run.status) {
     case "start":
       return `starting · ${run.total || "?"} steps`;
+    case "setup":
+      return `setting up · ${phaseLine(run.phase)} · ${run.total || "?"} steps to train`;
     case "running": {
       const speed = run.itPerSec === null ? "– it/s" : `${formatValue(run.itPerSec)} it/s`;
-      return `${steps} · ${speed} · ETA ${formatDuration(run.etaS)}`;
+      const phase = run.phase ? ` · ${phaseLine(run.phase)}` : "";
+      return `${steps} · ${speed} · ETA ${formatDuration(run.etaS)}${phase}`;
     }
     case "done":
       return `done · ${steps} · ${formatDuration(run.elapsedS)}`;

@@ -3,7 +3,8 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 
 import {
-  MonitorStore, RingBuffer, TrainRun, axisRange, formatDuration, formatValue, statusLine,
+  MonitorStore, RingBuffer, TrainRun, axisRange, formatDuration, formatValue, perImageLines, phaseFraction, phaseLine,
+  previewCost, previewCostLine, statusLine,
 } from "../../web/dco_monitor_data.js";
 
 function running(node, run, step, extra = {}) {
@@ -187,4 +188,137 @@ test("axis range, durations, values and the header line", () => {
   const run = new TrainRun("1", "r");
   run.apply(running("1", "r", 3));
   assert.equal(statusLine(run), "step 3/10 · 2.5 it/s · ETA 0:07");
+});
+
+// The events as nodes/trainer.py _Progress.event sends them: {node, run, status, total, **data}, so a
+// setup event's `total` is the phase's count.
+function setup(node, run, phase, done, total) {
+  return { node, run, status: "setup", total, phase, done };
+}
+
+test("set-up phases show with their progress and never resize the run", () => {
+  const store = new MonitorStore();
+  store.apply({ node: "7", run: "s1", status: "start", total: 40 });
+  assert.equal(store.apply(setup("7", "s1", "Loading models", 0, 3)).status, "setup");
+  const run = store.get("7");
+  assert.equal(run.total, 40, "the phase's total is not the run's");
+  assert.equal(statusLine(run), "setting up · Loading models 0/3 · 40 steps to train");
+  store.apply(setup("7", "s1", "Caching prompt embeddings", 3, 10));
+  assert.deepEqual(run.phase, { name: "Caching prompt embeddings", done: 3, total: 10 });
+  assert.equal(phaseLine(run.phase), "Caching prompt embeddings 3/10");
+  assert.equal(phaseFraction(run.phase), 0.3);
+  store.apply(setup("7", "s1", "Training", 0, 0));
+  assert.equal(phaseLine(run.phase), "Training", "a phase without counts shows only its name");
+  assert.equal(phaseFraction(run.phase), null);
+  store.apply(running("7", "s1", 1, { total: 40 }));
+  assert.equal(run.status, "running");
+  assert.equal(run.phase, null, "the first step ends the set-up");
+  assert.equal(run.total, 40);
+  assert.match(statusLine(run), /^step 1\/40 · 2.5 it\/s · ETA /);
+});
+
+test("a phase during training (preview, saving) shows beside the step and keeps the run running", () => {
+  const store = new MonitorStore();
+  store.apply({ node: "3", run: "t", status: "start", total: 20 });
+  for (let s = 1; s <= 10; s++) store.apply(running("3", "t", s, { total: 20 }));
+  store.apply(setup("3", "t", "Rendering preview", 12, 25));
+  const run = store.get("3");
+  assert.equal(run.status, "running", "a phase mid-run does not go back to the set-up state");
+  assert.equal(run.step, 10);
+  assert.equal(run.loss.length, 10);
+  assert.match(statusLine(run), /^step 10\/20 · .* · Rendering preview 12\/25$/);
+  store.apply(setup("3", "t", "Saving", 0, 1));
+  assert.match(statusLine(run), / · Saving 0\/1$/);
+  store.apply({ node: "3", run: "t", status: "done", total: 20, step: 20 });
+  assert.equal(run.phase, null);
+  assert.doesNotMatch(statusLine(run), /Saving/);
+});
+
+test("a setup event without a phase name is ignored", () => {
+  const store = new MonitorStore();
+  store.apply({ node: "1", run: "x", status: "start", total: 5 });
+  assert.equal(store.apply({ node: "1", run: "x", status: "setup", total: 3, done: 1 }), null);
+  assert.equal(store.get("1").status, "start");
+});
+
+test("each preview's cost is recorded without touching the charts", () => {
+  const store = new MonitorStore();
+  store.apply({ node: "5", run: "p", status: "start", total: 40 });
+  for (let s = 1; s <= 20; s++) store.apply(running("5", "p", s, { total: 40, elapsed_s: 10 * s }));
+  const run = store.get("5");
+  assert.equal(previewCost(run), null);
+  assert.equal(previewCostLine(run), "");
+  store.apply(setup("5", "p", "Rendering preview", 25, 25));
+  // the cost event carries the step it was rendered at: it must not drop that step's loss point
+  const changed = store.apply({ node: "5", run: "p", status: "running", total: 40, step: 20, preview_s: 12.5,
+    preview_steps_equiv: 6.2 });
+  assert.equal(changed, run);
+  assert.equal(run.loss.length, 20, "the step-20 loss point stays");
+  assert.equal(run.loss.last().step, 20);
+  assert.equal(run.phase, null, "the preview phase ends with its cost");
+  assert.deepEqual(run.previews, [{ step: 20, seconds: 12.5, stepsEquiv: 6.2 }]);
+  assert.equal(previewCostLine(run), "last preview 12.5 s ≈ 6.2 steps (1 preview) · 6 % of the time so far");
+  for (let s = 21; s <= 40; s++) store.apply(running("5", "p", s, { total: 40, elapsed_s: 10 * s + 12.5 }));
+  store.apply({ node: "5", run: "p", status: "running", total: 40, step: 40, preview_s: 11.5, preview_steps_equiv: 5.8 });
+  const cost = previewCost(run);
+  assert.equal(cost.count, 2);
+  assert.equal(cost.seconds, 24);
+  assert.equal(cost.last.stepsEquiv, 5.8);
+  assert.equal(previewCostLine(run), "last preview 11.5 s ≈ 5.8 steps (2 previews, 0:24 in all) · 6 % of the time so far");
+  assert.equal(run.loss.length, 40);
+});
+
+test("a preview cost that is not a number is ignored, one without a step takes the current step", () => {
+  const store = new MonitorStore();
+  store.apply({ node: "5", run: "p", status: "start", total: 4 });
+  store.apply(running("5", "p", 2, { total: 4, elapsed_s: null }));
+  assert.equal(store.apply({ node: "5", run: "p", status: "running", total: 4, preview_s: null }), null);
+  store.apply({ node: "5", run: "p", status: "running", total: 4, preview_s: 3 });
+  const run = store.get("5");
+  assert.deepEqual(run.previews, [{ step: 2, seconds: 3, stepsEquiv: null }]);
+  assert.equal(previewCostLine(run), "last preview 3 s (1 preview)", "no share without an elapsed time");
+});
+
+test("the done event's per-image errors come worst fit first, with its warnings", () => {
+  const store = new MonitorStore();
+  store.apply({ node: "9", run: "d", status: "start", total: 2 });
+  store.apply(running("9", "d", 2, { total: 2 }));
+  store.apply({
+    node: "9", run: "d", status: "done", total: 2, step: 2,
+    per_image: [
+      { name: "a.png", err_lora: 0.1, err_base: 0.3 },
+      { name: "b.png", err_lora: 0.4, err_base: 0.35 },
+      null,
+      { name: "c.png", err_lora: null, err_base: 0.2 },
+      { err_lora: 1 },
+      { name: "d.png", err_lora: 0.2, err_base: 0.25 },
+    ],
+    warnings: ["only 2 images: DCO needs at least 3 to generalise", "", 5],
+  });
+  const run = store.get("9");
+  assert.deepEqual(run.perImage.map((r) => r.name), ["b.png", "d.png", "a.png", "c.png"], "rows without a name are dropped");
+  assert.deepEqual(run.warnings, ["only 2 images: DCO needs at least 3 to generalise"]);
+  assert.deepEqual(perImageLines(run, 2), [
+    "b.png: 0.4 with the LoRA, 0.35 without",
+    "d.png: 0.2 with the LoRA, 0.25 without",
+    "… 2 more (all on the curve image)",
+  ]);
+  assert.deepEqual(perImageLines(run, 5).at(-1), "c.png: – with the LoRA, 0.2 without");
+});
+
+test("a new run on the same node starts without the old run's phase, previews or per-image rows", () => {
+  const store = new MonitorStore();
+  store.apply({ node: "4", run: "one", status: "start", total: 2 });
+  store.apply(setup("4", "one", "Preparing data", 1, 2));
+  store.apply({ node: "4", run: "one", status: "running", total: 2, step: 1, preview_s: 2 });
+  store.apply({ node: "4", run: "one", status: "done", total: 2, step: 2, per_image: [{ name: "a", err_lora: 1, err_base: 2 }],
+    warnings: ["w"] });
+  store.apply(setup("4", "two", "Loading models", 0, 3)); // the next execution's first event
+  const run = store.get("4");
+  assert.equal(run.id, "two");
+  assert.equal(run.status, "setup");
+  assert.deepEqual([run.previews, run.perImage, run.warnings], [[], [], []]);
+  assert.equal(run.total, 0, "the phase's count is not taken for the run's total");
+  assert.equal(statusLine(run), "setting up · Loading models 0/3 · ? steps to train");
+  assert.equal(store.apply(setup("4", "one", "Saving", 0, 1)), null, "the old run's late events are dropped");
 });
