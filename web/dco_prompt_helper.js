@@ -15,6 +15,7 @@ import {
 import { basePrompt, loaderWordMap, parseTrainerTokens, parseWordMap } from "./dco_prompt_rules.js";
 
 const MAX_DEPTH = 32;
+const POLL_MS = 400; // how often the helpers look upstream when no frame is drawn (Nodes 2.0)
 const files = new Map(); // embeddings name -> {state: "pending"|"ok"|"error", file, error}
 const helpers = new Set();
 
@@ -163,6 +164,7 @@ app.registerExtension({
       files.clear(); // a retrained file may record other tokens
       helpers.forEach((h) => h.update(true));
     });
+    setInterval(() => helpers.forEach((h) => h.update()), POLL_MS);
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -199,6 +201,7 @@ app.registerExtension({
     });
     // Upstream widgets (the loader's file, the trainer's tokens) change without telling this node;
     // checking on each frame is cheap because update() does nothing when the inputs are unchanged.
+    // Nodes 2.0 does not draw nodes on the canvas (no onDrawForeground): a slow timer covers it.
     chainMethod(nodeType, "onDrawForeground", function () {
       this.dcoPromptHelper?.update();
     });

@@ -1,22 +1,29 @@
 // dco.train_monitor: a live training monitor on every DCO Trainer node.
 //
 // A DOM widget (not serialised, so widgets_values stay aligned with the Python inputs) shows
-// step / total, it/s and ETA, a loss chart (loss, err_model, err_ref), a prior-drift / fit chart
-// and the latest validation preview, fed by the trainer's `dco.train` websocket events. The data
-// lives in a store keyed by node id, outside the widget, so it survives collapse, zoom and redraws,
-// and several trainers in one graph each keep their own run. After the run the node also shows the
-// final curve image that the node returns (ui.PreviewImage): the fallback for renderers without DOM
-// widgets.
+// the set-up phase with its progress, then step / total, it/s and ETA, a loss chart (loss,
+// err_model, err_ref), a prior-drift / fit chart, the latest validation preview and what the
+// previews cost, and after the run the images that fit worst and the dataset's warnings; all fed by
+// the trainer's `dco.train` websocket events. The data lives in a store keyed by node id, outside
+// the widget, so it survives collapse, zoom, redraws and a switch of node renderer (classic canvas
+// or Nodes 2.0), and several trainers in one graph each keep their own run. Validation previews
+// travel through the node's progress bar; ComfyUI would also draw each one under the node, so the
+// monitor takes them out of ComfyUI's preview list: each shows once, in the monitor. After the run
+// the node shows the final curve image that it returns (ui.PreviewImage): the fallback for
+// renderers without DOM widgets.
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { TRAIN_EVENT, TRAINER_NODE, chainMethod } from "./dco_shared.js";
-import { MonitorStore, formatValue, statusLine } from "./dco_monitor_data.js";
+import {
+  MonitorStore, formatValue, perImageLines, phaseFraction, phaseLine, previewCostLine, statusLine,
+} from "./dco_monitor_data.js";
 import { COLORS, drawChart } from "./dco_chart.js";
 
 export const store = new MonitorStore();
 const views = new Set();
-const MIN_HEIGHT = 230;
+const MIN_HEIGHT = 250;
+const WARN = "#e9b96e";
 
 class MonitorView {
   constructor(node) {
@@ -27,12 +34,21 @@ class MonitorView {
     this.root.className = "dco-monitor";
     Object.assign(this.root.style, {
       display: "flex", flexDirection: "column", gap: "3px", boxSizing: "border-box", width: "100%",
-      height: "100%", overflow: "hidden", font: "11px sans-serif", color: "#ddd", padding: "2px 0",
+      height: "100%", minHeight: `${MIN_HEIGHT}px`, overflow: "hidden", font: "11px sans-serif", color: "#ddd", padding: "2px 0",
     });
     this.header = document.createElement("div");
     Object.assign(this.header.style, { whiteSpace: "nowrap", overflow: "hidden", textOverflow: "ellipsis", flex: "0 0 auto" });
+    this.bar = document.createElement("div"); // the set-up phase's progress
+    Object.assign(this.bar.style, { flex: "0 0 3px", background: "rgba(255,255,255,0.12)", display: "none" });
+    this.barFill = document.createElement("div");
+    Object.assign(this.barFill.style, { height: "100%", width: "0%", background: "rgb(31,119,180)" });
+    this.bar.append(this.barFill);
     this.values = document.createElement("div");
     Object.assign(this.values.style, { whiteSpace: "nowrap", overflow: "hidden", color: "#aaa", flex: "0 0 auto" });
+    this.cost = document.createElement("div"); // what the validation previews cost
+    Object.assign(this.cost.style, { whiteSpace: "nowrap", overflow: "hidden", textOverflow: "ellipsis", color: "#aaa", flex: "0 0 auto" });
+    this.notes = document.createElement("div"); // after the run: warnings, worst-fitting images
+    Object.assign(this.notes.style, { flex: "0 0 auto", maxHeight: "6.5em", overflow: "auto", display: "none" });
     this.lossCanvas = document.createElement("canvas");
     Object.assign(this.lossCanvas.style, { flex: "3 1 0", minHeight: "0", width: "100%" });
     const row = document.createElement("div");
@@ -43,7 +59,7 @@ class MonitorView {
     this.preview.alt = "latest validation preview";
     Object.assign(this.preview.style, { height: "100%", aspectRatio: "1", objectFit: "contain", display: "none", background: "#111" });
     row.append(this.monitorCanvas, this.preview);
-    this.root.append(this.header, this.values, this.lossCanvas, row);
+    this.root.append(this.header, this.bar, this.values, this.cost, this.lossCanvas, row, this.notes);
     this.resize = new ResizeObserver(() => this.schedule());
     this.resize.observe(this.root);
     views.add(this);
@@ -61,6 +77,8 @@ class MonitorView {
       run: run?.id ?? null, status: run?.status ?? null, step: run?.step ?? 0, total: run?.total ?? 0,
       points: run?.loss.length ?? 0, monitorPoints: run?.monitor.length ?? 0, preview: !!run?.preview,
       finalImage: run?.finalImage ?? null, drawn: { ...this.drawn }, header: this.header.textContent,
+      phase: run?.phase ?? null, bar: this.bar.style.display === "none" ? null : this.barFill.style.width,
+      cost: this.cost.textContent, notes: this.notes.textContent, previews: run?.previews.length ?? 0,
       visible: this.root.isConnected && this.root.offsetParent !== null,
     };
   }
@@ -98,6 +116,12 @@ class MonitorView {
       ? `loss ${formatValue(last.loss)} · err_model ${formatValue(last.err_model)} · err_ref ${formatValue(last.err_ref)}` +
         (run.lr === null ? "" : ` · lr ${formatValue(run.lr)}`)
       : "\u00a0";
+    this.cost.textContent = previewCostLine(run);
+    this.cost.style.display = this.cost.textContent ? "" : "none";
+    const fraction = phaseFraction(run?.phase);
+    this.bar.style.display = fraction === null ? "none" : "";
+    this.barFill.style.width = `${Math.round((fraction ?? 0) * 100)}%`;
+    this.drawNotes(run);
     const first = run?.loss.at(0)?.step ?? 0;
     const xDomain = run ? [Math.min(first, run.total || first), Math.max(run.total, run.step)] : null;
     const lossCtx = this.canvasContext(this.lossCanvas);
@@ -106,7 +130,7 @@ class MonitorView {
         const [xs, ys] = run ? run.series(name) : [[], []];
         return { name, color: COLORS[name], axis: name === "loss" ? "left" : "right", xs, ys };
       });
-      this.drawn.loss = drawChart(...lossCtx, series, { xDomain, empty: run ? "waiting for the first step" : "not trained yet" });
+      this.drawn.loss = drawChart(...lossCtx, series, { xDomain, empty: !run ? "not trained yet" : run.phase ? `${phaseLine(run.phase)}…` : "waiting for the first step" });
     }
     const monCtx = this.canvasContext(this.monitorCanvas);
     if (monCtx) {
@@ -126,6 +150,26 @@ class MonitorView {
     this.drawn.frames += 1;
   }
 
+  drawNotes(run) {
+    const warnings = run?.warnings ?? [];
+    const worst = perImageLines(run);
+    const signature = JSON.stringify([warnings, worst]);
+    if (signature === this.notesSignature) return;
+    this.notesSignature = signature;
+    this.notes.replaceChildren();
+    const line = (text, color) => {
+      const div = document.createElement("div");
+      Object.assign(div.style, { color, whiteSpace: "nowrap", overflow: "hidden", textOverflow: "ellipsis" });
+      div.textContent = text;
+      div.title = text;
+      this.notes.append(div);
+    };
+    for (const w of warnings) line(`⚠ ${w}`, WARN);
+    if (worst.length) line("worst fit (final error per training image):", "#bbb");
+    for (const text of worst) line(`  ${text}`, "#aaa");
+    this.notes.style.display = this.notes.childElementCount ? "" : "none";
+  }
+
   dispose() {
     this.resize.disconnect();
     views.delete(this);
@@ -136,15 +180,39 @@ function redraw(nodeId) {
   for (const view of views) if (String(view.node.id) === String(nodeId)) view.schedule();
 }
 
-function isTrainer(nodeId) {
-  for (const view of views) if (String(view.node.id) === String(nodeId)) return true;
-  return false;
+function trainerNode(nodeId) {
+  for (const view of views) if (String(view.node.id) === String(nodeId)) return view.node;
+  return null;
+}
+
+/** The key of `node` in app.nodePreviewImages (ComfyUI's "node locator": graph id + node id in a subgraph). */
+function previewKey(node) {
+  return node.graph && node.graph.isRootGraph === false ? `${node.graph.id}:${node.id}` : String(node.id);
+}
+
+/**
+ * Take the preview ComfyUI just stored for `node` out of its list, so that the classic canvas and
+ * Nodes 2.0 do not draw it under the node as well (the monitor shows it). ComfyUI's own listener ran
+ * first (it is registered before any extension), in the same task, so nothing has drawn it yet. The
+ * URL itself is revoked only with the next preview: ComfyUI's queue panel may still show it.
+ */
+let stockUrls = [];
+function dropStockPreview(node) {
+  const previews = app.nodePreviewImages;
+  const urls = previews?.[previewKey(node)];
+  if (!urls) return;
+  // ComfyUI stores the same list under each subgraph level of the node: remove every copy
+  for (const [key, value] of Object.entries(previews)) if (value === urls) delete previews[key];
+  for (const url of stockUrls) URL.revokeObjectURL(url);
+  stockUrls = [...urls].filter((url) => typeof url === "string" && url.startsWith("blob:"));
 }
 
 function setPreview(nodeId, blob) {
-  if (!isTrainer(nodeId) || !store.get(nodeId)) return;
+  const node = trainerNode(nodeId);
+  if (!node || !store.get(nodeId)) return;
   const old = store.setPreview(nodeId, URL.createObjectURL(blob));
   if (old) URL.revokeObjectURL(old);
+  dropStockPreview(node);
   redraw(nodeId);
 }
 
@@ -216,8 +284,8 @@ app.registerExtension({
       this.setDirtyCanvas?.(true, true);
     });
 
-    // The image preview ComfyUI adds under the node (validation previews, then the curve) needs room:
-    // grow the node rather than let the image spill over the nodes below.
+    // The image ComfyUI adds under the node after the run (the curve) needs room: grow the node
+    // rather than let the image spill over the nodes below (the classic canvas; Nodes 2.0 sizes itself).
     chainMethod(nodeType, "onDrawForeground", function () {
       if (this.flags?.collapsed) return;
       const min = this.computeSize();
