@@ -7,6 +7,10 @@
   modules (what Node's test runner imports) import neither app nor api.
 - The trainer-token cases shared with the page's mirror (tests/data/prompt_cases.json) hold for the
   Python parser. The base-prompt and loader cases need ComfyUI and run in tests/comfy.
+- Behaviour, in Node (skipped without `node`): the JS unit tests (tests/js) pass, and the monitor's
+  store, fed the events the trainer builds from the engine's own StepInfo rows (set-up phases, steps
+  with and without err_ref, the drift baseline, a preview's cost, the done event with per-image
+  errors), shows what those rows hold.
 The behaviour in a real page is tested in tests/comfy/test_comfy_frontend.py.
 """
 
@@ -15,6 +19,8 @@ from __future__ import annotations
 import ast
 import json
 import re
+import shutil
+import subprocess
 
 import pytest
 
@@ -113,3 +119,77 @@ def test_registry_metadata_names_the_pack_without_a_second_web_folder():
     assert (ROOT / "LICENSE").read_text(encoding="utf-8").strip()
     init = (ROOT / "__init__.py").read_text(encoding="utf-8")
     assert 'WEB_DIRECTORY = "./web"' in init
+
+
+NODE = shutil.which("node")
+needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed (the JS tests need Node 18+)")
+
+
+def _node(script: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([NODE, "--input-type=module", "-e", script], cwd=ROOT, input=stdin, capture_output=True,
+                          text=True, timeout=60)
+
+
+@needs_node
+def test_js_unit_tests_pass():
+    """tests/js/*.test.mjs (the monitor's event handling, the prompt rules, the hook helper) in this suite."""
+    run = subprocess.run([NODE, "--test", "tests/js/"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert re.search(r"^# pass [1-9]", run.stdout, re.M) and re.search(r"^# fail 0$", run.stdout, re.M), run.stdout[-2000:]
+
+
+# Replays events through the page's store and reports what the monitor would show.
+REPLAY_JS = """
+import { MonitorStore, perImageLines, phaseLine, previewCostLine, statusLine } from "./web/dco_monitor_data.js";
+let input = "";
+for await (const chunk of process.stdin) input += chunk;
+const store = new MonitorStore();
+const headers = [];
+for (const ev of JSON.parse(input)) {
+  const run = store.apply(ev);
+  if (!run) throw new Error("event ignored: " + JSON.stringify(ev));
+  headers.push(statusLine(run));
+}
+const run = store.get("12");
+console.log(JSON.stringify({
+  status: run.status, step: run.step, total: run.total, headers, phase: phaseLine(run.phase),
+  loss: run.series("loss"), err_ref: run.series("err_ref"), drift: run.series("drift"),
+  cost: previewCostLine(run), worst: perImageLines(run, 1), warnings: run.warnings,
+}));
+"""
+
+
+def _event(status: str, **data) -> dict:
+    """What nodes/trainer.py _Progress.event sends: {node, run, status, total, **data} (data's total wins)."""
+    return {"node": "12", "run": "0123456789ab", "status": status, **data}
+
+
+@needs_node
+def test_monitor_shows_what_the_engines_step_rows_hold():
+    from dco_train.train import StepInfo
+
+    total = 3
+    steps = [StepInfo(step=s, total=total, loss=0.7 - 0.1 * s, err_model=0.2, err_ref=None if s == 2 else 0.25,
+                      reward_gap=None, lr=1e-4, elapsed_s=2.0 * s, eta_s=2.0 * (total - s)) for s in (1, 2, 3)]
+    events = [_event("start", total=total),
+              _event("setup", phase="Caching prompt embeddings", done=1, total=4),  # the phase's total
+              _event("running", total=total, step=0, drift=0.0, fit=0.5),  # the drift meter's baseline (on_metrics)
+              *[_event("running", **info.as_dict(), it_s=0.5) for info in steps[:2]],
+              _event("setup", phase="Rendering preview", done=25, total=25),
+              _event("running", total=total, step=2, preview_s=1.5, preview_steps_equiv=0.75),
+              _event("running", **steps[2].as_dict(), it_s=0.5),
+              _event("done", total=total, step=3, per_image=[{"name": "a.png", "err_lora": 0.1, "err_base": 0.3},
+                                                       {"name": "b.png", "err_lora": 0.4, "err_base": 0.3}],
+                     warnings=["only 2 images"])]
+    run = _node(REPLAY_JS, json.dumps(events))
+    assert run.returncode == 0, run.stderr
+    shown = json.loads(run.stdout)
+    assert (shown["status"], shown["step"], shown["total"]) == ("done", 3, 3)
+    assert shown["headers"][1] == "setting up · Caching prompt embeddings 1/4 · 3 steps to train"
+    assert shown["headers"][5] == "step 2/3 · 0.5 it/s · ETA 0:02 · Rendering preview 25/25"
+    assert shown["loss"] == [[1, 2, 3], [pytest.approx(0.6), pytest.approx(0.5), pytest.approx(0.4)]]
+    assert shown["err_ref"] == [[1, 3], [0.25, 0.25]], "a step without err_ref (beta <= 0) leaves a gap"
+    assert shown["drift"] == [[0], [0.0]]
+    assert shown["cost"] == "last preview 1.5 s ≈ 0.75 steps (1 preview) · 25 % of the time so far"
+    assert shown["worst"][0] == "b.png: 0.4 with the LoRA, 0.3 without" and shown["warnings"] == ["only 2 images"]
+    assert shown["phase"] == ""

@@ -256,6 +256,18 @@ export function perImageLines(run, limit = 3) {
 }
 
 /**
+ * Remove the preview list stored under `key` from ComfyUI's `previews` (app.nodePreviewImages),
+ * with every copy of the same list (ComfyUI stores it once per subgraph level of the node), so it is
+ * not drawn under the node. Returns the blob: URLs it held, for the caller to revoke.
+ */
+export function takeStockPreview(previews, key) {
+  const urls = previews?.[key];
+  if (!urls) return [];
+  for (const [k, value] of Object.entries(previews)) if (value === urls) delete previews[k];
+  return [...urls].filter((url) => typeof url === "string" && url.startsWith("blob:"));
+}
+
+/**
  * Every trainer node's newest run, keyed by the node id as a string (the events' `node`).
  * A run id the node has already moved past is ignored, so a late event of an old run cannot
  * overwrite the new one.

@@ -16,7 +16,7 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { TRAIN_EVENT, TRAINER_NODE, chainMethod } from "./dco_shared.js";
 import {
-  MonitorStore, formatValue, perImageLines, phaseFraction, phaseLine, previewCostLine, statusLine,
+  MonitorStore, formatValue, perImageLines, phaseFraction, phaseLine, previewCostLine, statusLine, takeStockPreview,
 } from "./dco_monitor_data.js";
 import { COLORS, drawChart } from "./dco_chart.js";
 
@@ -198,13 +198,10 @@ function previewKey(node) {
  */
 let stockUrls = [];
 function dropStockPreview(node) {
-  const previews = app.nodePreviewImages;
-  const urls = previews?.[previewKey(node)];
-  if (!urls) return;
-  // ComfyUI stores the same list under each subgraph level of the node: remove every copy
-  for (const [key, value] of Object.entries(previews)) if (value === urls) delete previews[key];
+  const taken = takeStockPreview(app.nodePreviewImages, previewKey(node));
+  if (!taken.length) return;
   for (const url of stockUrls) URL.revokeObjectURL(url);
-  stockUrls = [...urls].filter((url) => typeof url === "string" && url.startsWith("blob:"));
+  stockUrls = taken;
 }
 
 function setPreview(nodeId, blob) {

@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 
 import {
   MonitorStore, RingBuffer, TrainRun, axisRange, formatDuration, formatValue, perImageLines, phaseFraction, phaseLine,
-  previewCost, previewCostLine, statusLine,
+  previewCost, previewCostLine, statusLine, takeStockPreview,
 } from "../../web/dco_monitor_data.js";
 
 function running(node, run, step, extra = {}) {
@@ -321,4 +321,15 @@ test("a new run on the same node starts without the old run's phase, previews or
   assert.equal(run.total, 0, "the phase's count is not taken for the run's total");
   assert.equal(statusLine(run), "setting up · Loading models 0/3 · ? steps to train");
   assert.equal(store.apply(setup("4", "one", "Saving", 0, 1)), null, "the old run's late events are dropped");
+});
+
+test("the stock preview is taken out of ComfyUI's list, with its copies for the subgraph levels", () => {
+  const list = ["blob:http://x/1"];
+  const other = ["blob:http://x/2"];
+  const previews = { 7: list, "5:7": list, 5: list, 9: other };
+  assert.deepEqual(takeStockPreview(previews, "7"), ["blob:http://x/1"]);
+  assert.deepEqual(previews, { 9: other }, "every copy of the trainer's list goes, another node's stays");
+  assert.deepEqual(takeStockPreview(previews, "7"), [], "nothing left to take");
+  assert.deepEqual(takeStockPreview(undefined, "7"), []);
+  assert.deepEqual(takeStockPreview({ 3: ["/view?x", "blob:y"] }, "3"), ["blob:y"], "only blob: URLs are revoked");
 });
