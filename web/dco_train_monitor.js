@@ -34,7 +34,7 @@ class MonitorView {
     this.root.className = "dco-monitor";
     Object.assign(this.root.style, {
       display: "flex", flexDirection: "column", gap: "3px", boxSizing: "border-box", width: "100%",
-      height: "100%", minHeight: `${MIN_HEIGHT}px`, overflow: "hidden", font: "11px sans-serif", color: "#ddd", padding: "2px 0",
+      height: "100%", overflow: "hidden", font: "11px sans-serif", color: "#ddd", padding: "2px 0",
     });
     this.header = document.createElement("div");
     Object.assign(this.header.style, { whiteSpace: "nowrap", overflow: "hidden", textOverflow: "ellipsis", flex: "0 0 auto" });
@@ -48,7 +48,7 @@ class MonitorView {
     this.cost = document.createElement("div"); // what the validation previews cost
     Object.assign(this.cost.style, { whiteSpace: "nowrap", overflow: "hidden", textOverflow: "ellipsis", color: "#aaa", flex: "0 0 auto" });
     this.notes = document.createElement("div"); // after the run: warnings, worst-fitting images
-    Object.assign(this.notes.style, { flex: "0 0 auto", maxHeight: "6.5em", overflow: "auto", display: "none" });
+    Object.assign(this.notes.style, { flex: "0 1 auto", minHeight: "2.6em", maxHeight: "6.5em", overflow: "auto", display: "none" });
     this.lossCanvas = document.createElement("canvas");
     Object.assign(this.lossCanvas.style, { flex: "3 1 0", minHeight: "0", width: "100%" });
     const row = document.createElement("div");
@@ -108,6 +108,9 @@ class MonitorView {
 
   draw() {
     const run = this.run;
+    // The classic canvas gives the widget its height (getMinHeight); Nodes 2.0 lays the node out from
+    // its content, where height: 100% would leave the charts no room.
+    this.root.style.minHeight = globalThis.LiteGraph?.vueNodesMode ? `${MIN_HEIGHT}px` : "";
     this.header.textContent = statusLine(run);
     this.header.style.color = run?.status === "error" ? "#f88" : "#ddd";
     this.header.title = run?.message ?? "";
