@@ -16,7 +16,7 @@ export const COLORS = {
 const FONT = "10px sans-serif";
 
 /**
- * Draw `series` ([{name, color, axis: "left"|"right", xs, ys}]) into `ctx` at (0, 0, w, h), in CSS
+ * Draw `series` ([{name, color, axis: "left"|"right", clip?, xs, ys}]) into `ctx` at (0, 0, w, h), in CSS
  * pixels. `xDomain` fixes the step range (e.g. [first, total]); `empty` is shown without data.
  * Returns the number of points drawn.
  */
@@ -30,7 +30,8 @@ export function drawChart(ctx, w, h, series, { title = "", xDomain = null, empty
 
   const left = series.filter((s) => s.axis !== "right" && s.xs.length);
   const right = series.filter((s) => s.axis === "right" && s.xs.length);
-  const ranges = [left, right].map((group) => (group.length ? axisRange(group.flatMap((s) => s.ys)) : null));
+  const ranges = [left, right].map((group) =>
+    group.length ? axisRange(group.flatMap((s) => s.ys), { clip: group.some((s) => s.clip) }) : null);
   const labelWidth = (range) =>
     range ? Math.max(...range.map((v) => ctx.measureText(formatValue(v)).width)) + 6 : 0;
   const pad = { l: Math.max(28, labelWidth(ranges[0])), r: right.length ? Math.max(28, labelWidth(ranges[1])) : 8, t: 16, b: 14 };
@@ -75,7 +76,7 @@ export function drawChart(ctx, w, h, series, { title = "", xDomain = null, empty
   for (const [group, side, range] of [[left, "left", ranges[0]], [right, "right", ranges[1]]]) {
     if (!group.length) continue;
     const [lo, hi] = range;
-    const sy = (v) => pad.t + ph - ((v - lo) / (hi - lo)) * ph;
+    const sy = (v) => pad.t + ph - ((Math.min(Math.max(v, lo), hi) - lo) / (hi - lo)) * ph; // clipped on the edge
     ctx.fillStyle = "#aaa";
     ctx.textAlign = side === "left" ? "right" : "left";
     const tx = side === "left" ? pad.l - 3 : pad.l + pw + 3;

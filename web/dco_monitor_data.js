@@ -325,15 +325,24 @@ export class MonitorStore {
   }
 }
 
+export const CLIP_QUANTILE = 0.98; // as dco_train/plot.py: a spike cannot flatten the loss curve
+
 /**
  * [lo, hi] covering `values` with a little headroom; a flat or empty series still gets a band, and
- * data that is never negative (losses, errors) never gets a negative axis.
+ * data that is never negative (losses, errors) never gets a negative axis. With `clip`, the top
+ * ends a little above the 98th percentile when the largest values lie far above it (a spike);
+ * the chart draws those points on the top edge.
  */
-export function axisRange(values) {
+export function axisRange(values, { clip = false } = {}) {
   const finite = values.filter((v) => Number.isFinite(v));
   if (finite.length === 0) return [0, 1];
   const lo = Math.min(...finite);
-  const hi = Math.max(...finite);
+  let hi = Math.max(...finite);
+  if (clip && finite.length >= 10) {
+    const sorted = [...finite].sort((a, b) => a - b);
+    const q = sorted[Math.min(sorted.length - 1, Math.floor(CLIP_QUANTILE * (sorted.length - 1)))];
+    if (hi - lo > 1e-12 && hi - q > 0.5 * (q - lo)) hi = q + 0.1 * (q - lo);
+  }
   const pad = hi - lo < 1e-12 ? 0.5 * (Math.abs(lo) || 1) : 0.05 * (hi - lo);
   return [lo >= 0 ? Math.max(0, lo - pad) : lo - pad, hi + pad];
 }

@@ -131,7 +131,7 @@ class MonitorView {
     if (lossCtx) {
       const series = ["loss", "err_model", "err_ref"].map((name) => {
         const [xs, ys] = run ? run.series(name) : [[], []];
-        return { name, color: COLORS[name], axis: name === "loss" ? "left" : "right", xs, ys };
+        return { name, color: COLORS[name], axis: name === "loss" ? "left" : "right", clip: name === "loss", xs, ys };
       });
       this.drawn.loss = drawChart(...lossCtx, series, { xDomain, empty: !run ? "not trained yet" : run.phase ? `${phaseLine(run.phase)}…` : "waiting for the first step" });
     }

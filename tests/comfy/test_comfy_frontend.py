@@ -14,7 +14,16 @@ In headless Chromium (skipped with the reason when Chromium is not installed):
 - a tiny-model variant of dco_train_subject with two trainers is queued from the page: each
   trainer's monitor receives its own run and draws its points, the run succeeds, the final curve
   image arrives, the monitor survives collapse and zoom, and the new LoRAs appear in a LoraLoader
-  dropdown without a reload.
+  dropdown without a reload; each validation preview shows once (in the monitor, not again under
+  the node);
+- the monitor shows the set-up phases with a progress bar, each preview's cost, the dataset's
+  warnings and the worst-fitting images (the trainer's events sent into the page);
+- the frontend is at least requirements.txt's comfyui-frontend-package minimum (v0.3.64 runs that
+  minimum itself);
+- with Nodes 2.0 (the Vue node renderer, setting Comfy.VueNodes.Enabled) on: the prompt helper
+  follows typing in the Vue node's textarea, a training run shows in the monitor inside the Vue
+  node, and the dropdowns refresh; skipped, saying why, where the frontend has no Nodes 2.0 or
+  its Nodes 2.0 draws no DOM widgets (1.27.x).
 Screenshots go to test-artifacts/browser-<ComfyUI version>/. Look at them.
 """
 

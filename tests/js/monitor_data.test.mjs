@@ -333,3 +333,13 @@ test("the stock preview is taken out of ComfyUI's list, with its copies for the 
   assert.deepEqual(takeStockPreview(undefined, "7"), []);
   assert.deepEqual(takeStockPreview({ 3: ["/view?x", "blob:y"] }, "3"), ["blob:y"], "only blob: URLs are revoked");
 });
+
+test("a loss spike clips the axis instead of flattening the curve (as the curve image does)", () => {
+  const values = Array.from({ length: 60 }, (_, i) => 0.69 - 0.002 * i).concat([50]);
+  const [lo, hi] = axisRange(values, { clip: true });
+  assert.ok(hi < 1 && lo > 0.5, `${lo} ${hi}`);
+  assert.ok(axisRange(values)[1] > 50, "without clip every value is covered");
+  assert.deepEqual(axisRange([0.5, 0.5, 0.5], { clip: true }), [0.25, 0.75], "few or flat values are not clipped");
+  const even = Array.from({ length: 20 }, (_, i) => i);
+  assert.deepEqual(axisRange(even, { clip: true }), axisRange(even), "no spike, no clipping");
+});
