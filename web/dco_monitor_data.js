@@ -161,7 +161,7 @@ export class TrainRun {
       this.lr = num(ev.lr);
       this.status = "running";
     } else if (status === "start") {
-      this.status = "start";
+      this.status = this.phase ? "setup" : "start"; // a start after the first phase keeps showing the phase
     } else if (status === "done" || status === "interrupted") {
       const step = num(ev.step);
       if (step !== null) this.step = step;

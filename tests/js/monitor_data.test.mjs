@@ -321,6 +321,8 @@ test("a new run on the same node starts without the old run's phase, previews or
   assert.equal(run.total, 0, "the phase's count is not taken for the run's total");
   assert.equal(statusLine(run), "setting up · Loading models 0/3 · ? steps to train");
   assert.equal(store.apply(setup("4", "one", "Saving", 0, 1)), null, "the old run's late events are dropped");
+  store.apply({ node: "4", run: "two", status: "start", total: 30 });
+  assert.equal(statusLine(run), "setting up · Loading models 0/3 · 30 steps to train", "a late start keeps the phase");
 });
 
 test("the stock preview is taken out of ComfyUI's list, with its copies for the subgraph levels", () => {
