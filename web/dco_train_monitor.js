@@ -24,6 +24,8 @@ export const store = new MonitorStore();
 const views = new Set();
 const MIN_HEIGHT = 250;
 const WARN = "#e9b96e";
+const NOTE_LINE = 14; // px per line of the notes (11px font)
+const MAX_NOTE_LINES = 8; // more scroll
 
 class MonitorView {
   constructor(node) {
@@ -48,7 +50,10 @@ class MonitorView {
     this.cost = document.createElement("div"); // what the validation previews cost
     Object.assign(this.cost.style, { whiteSpace: "nowrap", overflow: "hidden", textOverflow: "ellipsis", color: "#aaa", flex: "0 0 auto" });
     this.notes = document.createElement("div"); // after the run: warnings, worst-fitting images
-    Object.assign(this.notes.style, { flex: "0 1 auto", minHeight: "2.6em", maxHeight: "6.5em", overflow: "auto", display: "none" });
+    Object.assign(this.notes.style, {
+      flex: "0 1 auto", minHeight: "2.6em", maxHeight: `${NOTE_LINE * MAX_NOTE_LINES}px`, overflow: "auto", display: "none",
+      lineHeight: `${NOTE_LINE}px`,
+    });
     this.lossCanvas = document.createElement("canvas");
     Object.assign(this.lossCanvas.style, { flex: "3 1 0", minHeight: "0", width: "100%" });
     const row = document.createElement("div");
@@ -79,6 +84,7 @@ class MonitorView {
       finalImage: run?.finalImage ?? null, drawn: { ...this.drawn }, header: this.header.textContent,
       phase: run?.phase ?? null, bar: this.bar.style.display === "none" ? null : this.barFill.style.width,
       cost: this.cost.textContent, notes: this.notes.textContent, previews: run?.previews.length ?? 0,
+      notesFit: this.notes.scrollHeight <= this.notes.clientHeight + 1, // every note line shows, unscrolled
       visible: this.root.isConnected && this.root.offsetParent !== null,
     };
   }
@@ -108,9 +114,6 @@ class MonitorView {
 
   draw() {
     const run = this.run;
-    // The classic canvas gives the widget its height (getMinHeight); Nodes 2.0 lays the node out from
-    // its content, where height: 100% would leave the charts no room.
-    this.root.style.minHeight = globalThis.LiteGraph?.vueNodesMode ? `${MIN_HEIGHT}px` : "";
     this.header.textContent = statusLine(run);
     this.header.style.color = run?.status === "error" ? "#f88" : "#ddd";
     this.header.title = run?.message ?? "";
@@ -125,6 +128,9 @@ class MonitorView {
     this.bar.style.display = fraction === null ? "none" : "";
     this.barFill.style.width = `${Math.round((fraction ?? 0) * 100)}%`;
     this.drawNotes(run);
+    // The classic canvas gives the widget its height (getMinHeight); Nodes 2.0 lays the node out from
+    // its content, where height: 100% would leave the charts no room.
+    this.root.style.minHeight = globalThis.LiteGraph?.vueNodesMode ? `${this.minHeight()}px` : "";
     const first = run?.loss.at(0)?.step ?? 0;
     const xDomain = run ? [Math.min(first, run.total || first), Math.max(run.total, run.step)] : null;
     const lossCtx = this.canvasContext(this.lossCanvas);
@@ -153,6 +159,11 @@ class MonitorView {
     this.drawn.frames += 1;
   }
 
+  /** The height the monitor asks for: the charts, plus room for the notes after a run. */
+  minHeight() {
+    return MIN_HEIGHT + NOTE_LINE * Math.min(this.notes.childElementCount, MAX_NOTE_LINES);
+  }
+
   drawNotes(run) {
     const warnings = run?.warnings ?? [];
     const worst = perImageLines(run);
@@ -171,6 +182,7 @@ class MonitorView {
     if (worst.length) line("worst fit (final error per training image):", "#bbb");
     for (const text of worst) line(`  ${text}`, "#aaa");
     this.notes.style.display = this.notes.childElementCount ? "" : "none";
+    if (this.node.graph) this.node.setDirtyCanvas?.(true, true); // the classic canvas grows the node to minHeight()
   }
 
   dispose() {
@@ -250,7 +262,7 @@ app.registerExtension({
     chainMethod(nodeType, "onNodeCreated", function () {
       const view = new MonitorView(this);
       const widget = this.addDOMWidget("dco_monitor", "dco_monitor", view.root, {
-        getMinHeight: () => MIN_HEIGHT,
+        getMinHeight: () => view.minHeight(),
         hideOnZoom: false,
         serialize: false, // not sent with the prompt
       });
