@@ -554,7 +554,8 @@ def vue(page, training):
                                   " return !!document.querySelector(`[data-node-id=\"${n.id}\"] textarea`); })()")
         if not drawn:
             page.screenshot(OUT / "vue_no_nodes.png")
-            pytest.skip(f"frontend {version}'s Nodes 2.0 did not draw the nodes of a loaded workflow; see vue_no_nodes.png")
+            pytest.skip(f"frontend {version}'s Nodes 2.0 (experimental there) did not draw the nodes of a loaded workflow "
+                        "(it kept the previous graph's); see vue_no_nodes.png")
         if not dom:
             page.screenshot(OUT / "vue_no_dom_widgets.png")
             pytest.skip(f"frontend {version}'s Nodes 2.0 draws no DOM widgets (not even the stock multiline text "
