@@ -20,6 +20,7 @@ from safetensors import safe_open  # noqa: E402
 from test_comfy_trainer import graph_models, node_inputs, run_node, write_dataset  # noqa: E402
 
 trainer = harness.pack_module("nodes.trainer")
+graph_dataset = harness.pack_module("nodes.graph_dataset")
 DCOError = harness.pack_module("dco_train.errors").DCOError
 
 CAPTIONS = ["a photo of a <obj> on a table", "a close up photo of a <obj> in the snow", "a photo of a <obj> on the beach"]
@@ -77,7 +78,7 @@ def test_images_of_two_sizes_as_a_list_train_in_buckets(folders):
     # what the engine does with these images: two buckets, the wide one wider than high
     data = harness.pack_module("dco_train.data")
     cfg = trainer.build_config(None, tokens="<obj>=toy", resolution=128)
-    spec = data.spec_from_images(trainer.image_list(images), CAPTIONS, cfg)
+    spec = data.spec_from_images(graph_dataset.image_list(images), CAPTIONS, cfg)
     sizes = [data.target_size(*s.picture.size, cfg) for s in spec.samples]
     assert sizes[0][1] > sizes[0][0] and sizes[1] == sizes[2] == (128, 128)
 
