@@ -1,16 +1,19 @@
 """Training data: which images, which captions, and the latents the loop trains on.
 
-Two sources are read:
+Three sources are read:
 - a folder of images with same-name `.txt` captions (the kohya convention);
 - the reference `config.json` (`{name: {images, prompts, base_prompts?, inserting_tokens?,
   initializer_tokens?}}`), whose relative image paths are tried against the working directory,
-  the config's folder and then each of its parent folders (the reference ran from its repo root).
+  the config's folder and then each of its parent folders (the reference ran from its repo root);
+- images held in memory with a caption each (`spec_from_images`: the ComfyUI node's IMAGE input).
 
 Base prompts that are not given are derived from the token -> word map. Images are EXIF-rotated,
 flattened onto white if they have alpha, resized to cover the target size and cropped, and the
 SDXL size/crop conditioning is recorded. Latents are VAE-encoded once: the latent distribution's
 mean and std are cached (and those of the mirrored image when flips are on), and the loop draws
 `mean + std * noise` from its own generator, so caching changes nothing in the maths.
+Encoding also looks at the set as a whole and warns (`TrainData.warnings`) when it is likely to
+disappoint: fewer than `MIN_IMAGES` images, near-duplicate images, or one caption for every image.
 """
 
 from __future__ import annotations
@@ -41,13 +44,28 @@ UNREAD_SUFFIXES = {
     ".psd": "PSD is not read; export it as PNG",
 }
 MAX_UPSCALE = 2.0  # an image enlarged more than this to reach the training size is named in a warning
+MIN_IMAGES = 3  # fewer training images than this are named in a warning
+THUMB_SIZE = 16  # near-duplicates are compared as THUMB_SIZE x THUMB_SIZE RGB thumbnails ...
+NEAR_DUPLICATE_RMS = 0.03  # ... whose RMS difference (0..1 pixel scale) is below this
 
 
 @dataclass
 class Sample:
-    image: Path
+    """One training image: a file, or (`picture`) an RGB Pillow image held in memory, named `name`."""
+
+    image: Path | None
     prompt: str
     base_prompt: str
+    picture: Any = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = self.image.name if self.image is not None else "image"
+
+    def open(self):
+        """The image as RGB (a file is opened as `open_rgb` does)."""
+        return self.picture if self.picture is not None else open_rgb(self.image)
 
 
 @dataclass
@@ -166,19 +184,54 @@ def load_dataset_spec(cfg: TrainConfig) -> DatasetSpec:
     for img in images:
         if not img.is_file():
             raise DCOError(f"The training image {img} does not exist.")
+    samples = [Sample(img, prompt, "") for img, prompt in zip(images, prompts)]
+    return _with_base_prompts(samples, tokens, cfg, base, source)
+
+
+def _with_base_prompts(samples: list[Sample], tokens: dict[str, str], cfg: TrainConfig, base: list[str] | None,
+                       source: str) -> DatasetSpec:
+    """Check that every caption names a token (when TI is on) and fill in the base prompts."""
     if cfg.train_text_encoder_ti:
         if not tokens:
             raise DCOError("Textual inversion is on but no tokens are set; give tokens such as <dog>=dog.")
-        for img, prompt in zip(images, prompts):
-            if not contains_token(prompt, list(tokens)):
+        for sample in samples:
+            if not contains_token(sample.prompt, list(tokens)):
                 raise DCOError(
-                    f"The caption of {img.name} ({prompt!r}) does not contain {' or '.join(tokens)}; every "
-                    "caption must name the subject with its token."
+                    f"The caption of {sample.name} ({sample.prompt!r}) does not contain {' or '.join(tokens)}; "
+                    "every caption must name the subject with its token."
                 )
     word_map = tokens if cfg.train_text_encoder_ti else {}
-    bases = list(base) if base is not None else [replace_tokens(p, word_map) for p in prompts]
-    samples = [Sample(i, p, b) for i, p, b in zip(images, prompts, bases)]
+    bases = list(base) if base is not None else [replace_tokens(s.prompt, word_map) for s in samples]
+    for sample, base_prompt in zip(samples, bases):
+        sample.base_prompt = base_prompt
     return DatasetSpec(samples=samples, tokens=tokens if cfg.train_text_encoder_ti else {}, source=source)
+
+
+def image_from_tensor(pixels: torch.Tensor):
+    """A [H, W, C] tensor of 0..1 values (C = 1, 3 or 4; the layout of ComfyUI's IMAGE) as an RGB
+    Pillow image; an alpha channel is flattened onto white as `to_rgb` does for files."""
+    import numpy as np
+    from PIL import Image
+
+    if pixels.dim() != 3 or pixels.shape[-1] not in (1, 3, 4):
+        raise DCOError(f"An image tensor must be [height, width, channels] with 1, 3 or 4 channels, not "
+                       f"{list(pixels.shape)}.")
+    arr = (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[arr.shape[-1]]
+    return to_rgb(Image.fromarray(np.ascontiguousarray(arr[..., 0] if mode == "L" else arr), mode=mode))
+
+
+def spec_from_images(images: Sequence[torch.Tensor], captions: Sequence[str], cfg: TrainConfig,
+                     source: str = "images from the graph") -> DatasetSpec:
+    """Training data held in memory: one [H, W, C] 0..1 tensor and one caption per image (the
+    ComfyUI node's IMAGE input). Images are named "image 1", "image 2", ... in messages."""
+    if not images:
+        raise DCOError("No training images were given; pass at least one image.")
+    if len(captions) != len(images):
+        raise DCOError(f"{len(images)} images came with {len(captions)} captions; give one caption per image.")
+    samples = [Sample(None, " ".join(str(c).split()), "", picture=image_from_tensor(t), name=f"image {n}")
+               for n, (t, c) in enumerate(zip(images, captions), start=1)]
+    return _with_base_prompts(samples, dict(cfg.tokens), cfg, None, source)
 
 
 # ------------------------------------------------------------------------------- images
@@ -246,7 +299,7 @@ def open_rgb(path: Path):
     return to_rgb(image)
 
 
-def warn_if_upscaled(path: Path, image_size: tuple[int, int], size: tuple[int, int]) -> float:
+def warn_if_upscaled(path: Path | str, image_size: tuple[int, int], size: tuple[int, int]) -> float:
     """Warn, naming the file, when the image must be enlarged more than `MAX_UPSCALE` times to cover
     `size` (h, w): it will train blurred. Returns the scale factor."""
     w, h = image_size
@@ -300,6 +353,61 @@ def prepare_image(image, size: tuple[int, int], center: bool = True, generator: 
     return arr, time_ids
 
 
+# ------------------------------------------------------------------------------- the set as a whole
+def thumbnail(image) -> torch.Tensor:
+    """A THUMB_SIZE² RGB thumbnail (box-averaged, 0..1) for comparing images; the aspect ratio is
+    ignored, so a resized or re-compressed copy lands on nearly the same values."""
+    import numpy as np
+    from PIL import Image
+
+    small = image.convert("RGB").resize((THUMB_SIZE, THUMB_SIZE), Image.BOX)
+    return torch.from_numpy(np.asarray(small, dtype=np.float32).copy()).flatten() / 255.0
+
+
+def near_duplicate_groups(thumbs: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of images whose thumbnails differ by less than NEAR_DUPLICATE_RMS (RMS over every
+    value), joined transitively; only groups of two or more are returned, in first-seen order."""
+    if len(thumbs) < 2:
+        return []
+    flat = torch.stack(list(thumbs))
+    rms = torch.cdist(flat, flat) / flat.shape[1] ** 0.5
+    root = list(range(len(thumbs)))
+    for j in range(len(thumbs)):
+        for i in range(j):
+            if rms[i, j] < NEAR_DUPLICATE_RMS:
+                root[j] = root[i]
+                break
+    groups: dict[int, list[int]] = {}
+    for j, r in enumerate(root):
+        groups.setdefault(r, []).append(j)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _names(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def dataset_warnings(samples: Sequence[Sample], thumbs: Sequence[torch.Tensor]) -> list[str]:
+    """Why a training set is likely to disappoint, one sentence each: too few images,
+    near-duplicate images (named), or the same caption on every image."""
+    out = []
+    n = len(samples)
+    if n < MIN_IMAGES:
+        out.append(f"Only {n} training image{'s' if n != 1 else ''}: with fewer than {MIN_IMAGES} the LoRA tends to "
+                   "copy them (pose, background, lighting) instead of learning the subject or style; add images "
+                   "that differ in setting, pose or light (4-10 work well).")
+    for group in near_duplicate_groups(thumbs):
+        out.append(f"{_names([samples[i].name for i in group])} look like near-duplicates of each other: a repeated "
+                   "image is learned by heart and counts more than the others; keep one of them, or replace the "
+                   "others with different shots.")
+    prompts = [s.prompt for s in samples]
+    if n > 1 and len(set(prompts)) == 1:
+        out.append(f"All {n} captions are the same ({prompts[0]!r}): the model cannot tell what belongs to the "
+                   "subject or style from what changes between images; describe what differs in each one "
+                   "(setting, pose, light, colours).")
+    return out
+
+
 # ------------------------------------------------------------------------------- latents
 @dataclass
 class LatentItem:
@@ -311,7 +419,8 @@ class LatentItem:
     prompt: str
     base_prompt: str
     flipped: "LatentItem | None" = None
-    image_path: Path | None = None
+    image_path: Path | None = None  # None for an image held in memory
+    name: str = ""  # how messages name the image: its file name, or "image 3" for in-memory images
 
     def draw(self, generator: torch.Generator, flip: bool) -> torch.Tensor:
         item = self.flipped if flip and self.flipped is not None else self
@@ -327,6 +436,7 @@ class TrainData:
     tokens: dict[str, str] = field(default_factory=dict)
     source: str = ""
     encode_fn: Callable[[int, torch.Generator], LatentItem] | None = None  # random crops: re-encode
+    warnings: list[str] = field(default_factory=list)  # why this set may train poorly, in full sentences
 
     def bucket_groups(self) -> list[list[int]]:
         """Indices grouped by latent shape (one group unless buckets are on)."""
@@ -360,21 +470,27 @@ def encode_dataset(
     """Encode every image once (plus its mirror when flips are on). The diffusers VAE
     (`vae_encoder`) and the ComfyUI node (the graph's VAE) both come through here."""
     items: list[LatentItem] = []
+    thumbs: list[torch.Tensor] = []
     total = len(spec.samples)
     for n, sample in enumerate(spec.samples):
-        image = open_rgb(sample.image)
+        image = sample.open()
+        thumbs.append(thumbnail(image))
         size = target_size(*image.size, cfg)
-        warn_if_upscaled(sample.image, image.size, size)
+        warn_if_upscaled(sample.image or sample.name, image.size, size)
         pixels, time_ids = prepare_image(image, size, center=True)
         mean, std = encoder(pixels)
-        item = LatentItem(mean, std, time_ids, sample.prompt, sample.base_prompt, image_path=sample.image)
+        item = LatentItem(mean, std, time_ids, sample.prompt, sample.base_prompt, image_path=sample.image,
+                          name=sample.name)
         if cfg.random_flip:
             fmean, fstd = encoder(pixels.flip(-1))
             item.flipped = LatentItem(fmean, fstd, time_ids, sample.prompt, sample.base_prompt)
         items.append(item)
         if progress:
             progress(n + 1, total)
-    data = TrainData(items=items, tokens=spec.tokens, source=spec.source)
+    data = TrainData(items=items, tokens=spec.tokens, source=spec.source,
+                     warnings=dataset_warnings(spec.samples, thumbs))
+    for warning in data.warnings:
+        log.warning(warning)
     if not cfg.center_crop:
 
         def encode_random_crop(index: int, generator: torch.Generator) -> LatentItem:
@@ -382,12 +498,13 @@ def encode_dataset(
             is drawn and applied here (one VAE encode); the item has no `flipped` twin, so the
             loop's own flip draw leaves it as it is."""
             sample = spec.samples[index]
-            image = open_rgb(sample.image)
+            image = sample.open()
             pixels, time_ids = prepare_image(image, target_size(*image.size, cfg), center=False, generator=generator)
             if cfg.random_flip and bool(torch.rand((), generator=generator) < 0.5):
                 pixels = pixels.flip(-1)
             mean, std = encoder(pixels)
-            return LatentItem(mean, std, time_ids, sample.prompt, sample.base_prompt, image_path=sample.image)
+            return LatentItem(mean, std, time_ids, sample.prompt, sample.base_prompt, image_path=sample.image,
+                              name=sample.name)
 
         data.encode_fn = encode_random_crop
     return data

@@ -1,5 +1,6 @@
-"""DCO Trainer: a graph's SDXL (MODEL, CLIP, VAE) plus a folder of captioned images -> a DCO LoRA
-and tokens, written to ComfyUI's loras / embeddings folders and returned ready for sampling.
+"""DCO Trainer: a graph's SDXL (MODEL, CLIP, VAE) plus a folder of captioned images, or images from
+the graph with a caption each -> a DCO LoRA and tokens, written to ComfyUI's loras / embeddings
+folders and returned ready for sampling.
 
 The node converts the graph's models into the engine's modules (`convert.py`, no write to the
 shared model), encodes the images once with the graph's VAE, and runs the engine in-process
@@ -26,6 +27,7 @@ from ..dco_train.config import TrainConfig, parse_tokens
 from ..dco_train.errors import DCOError
 from ..dco_train.formats import safe_output_path
 from . import events
+from .graph_dataset import caption_list, check_captions, image_list, node_values, one_value
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,8 @@ def resolve_dataset(dataset_dir: str) -> Path:
     import folder_paths
 
     if not dataset_dir or not dataset_dir.strip():
-        raise DCOError("dataset_dir is empty; give a folder of images with .txt captions, or a config.json.")
+        raise DCOError("dataset_dir is empty; give a folder of images with .txt captions or a config.json, or "
+                       "connect images (with captions).")
     path = Path(dataset_dir.strip()).expanduser()
     if not path.is_absolute():
         path = Path(folder_paths.get_input_directory()) / path
@@ -130,14 +133,17 @@ def widget_default(widget: str) -> Any:
     return getattr(DEFAULT, WIDGET_FIELDS[widget])
 
 
-def build_config(dataset: Path, preset: str = "subject", tokens: str = "", config_name: str = "",
+def build_config(dataset: Path | None, preset: str = "subject", tokens: str = "", config_name: str = "",
                  validation_prompt: str = "", **widgets: Any) -> TrainConfig:
-    """The engine config from the node's widgets (see WIDGET_FIELDS); other node inputs are ignored."""
+    """The engine config from the node's widgets (see WIDGET_FIELDS); other node inputs are ignored.
+    `dataset` None means images from the graph, whose sizes vary: they train in aspect-ratio buckets."""
     token_map = parse_tokens(tokens)
+    is_config = dataset is not None and dataset.is_file()
     overrides: dict[str, Any] = (
-        {"config_dir": str(dataset), "config_name": config_name or None} if dataset.is_file() else {"data_dir": str(dataset)}
+        {"buckets": True} if dataset is None else
+        {"config_dir": str(dataset), "config_name": config_name or None} if is_config else {"data_dir": str(dataset)}
     )
-    if token_map or not dataset.is_file():  # a config.json may name its own tokens
+    if token_map or not is_config:  # a config.json may name its own tokens
         overrides.update(tokens=token_map, train_text_encoder_ti=bool(token_map))
     else:
         overrides["train_text_encoder_ti"] = preset == "subject"
@@ -175,23 +181,38 @@ def plan_outputs(output_name: str, overwrite: bool, resume: str, needs_embedding
 
 
 def check_request(dataset_dir: str | None, preset: str | None, tokens: str | None, output_name: str | None,
-                  overwrite: bool | None, resume: str | None) -> None:
+                  overwrite: bool | None, resume: str | None, images: list[Any] | None = None,
+                  captions: list[str] | None = None) -> None:
     """Everything about the request that can be known before a model loads.
 
     A value is None when it arrives through a link, which ComfyUI does not resolve at validation;
     the check that needs it runs again in `execute`. Validation skips ComfyUI's own option checks for
-    the inputs it takes, so the combos taken here are checked here.
+    the inputs it takes, so the combos taken here are checked here. `images` (see `image_list`) is
+    None when not connected; `captions` as `caption_list` gives them.
     """
     if preset is not None and preset not in RECIPES:
         raise DCOError(f"preset {preset!r} is not a recipe; choose one of {', '.join(RECIPES)}.")
     if resume is not None and resume not in ("off", "latest"):
         raise DCOError(f"resume {resume!r} is not an option; choose off or latest.")
     token_map = parse_tokens(tokens) if tokens is not None else None
-    dataset = resolve_dataset(dataset_dir) if dataset_dir is not None else None
+    if images is not None:
+        if dataset_dir is not None and dataset_dir.strip():
+            raise DCOError(f"dataset_dir is {dataset_dir.strip()!r} and images are connected; train on one of them: "
+                           "clear dataset_dir to train on the images, or disconnect images to train on the folder.")
+        count = None if any(i is None for i in images) else len(images)
+        if count == 0:
+            raise DCOError("images is an empty batch; connect a node that outputs at least one image (Load Image, "
+                           "VAE Decode, a dataset loader).")
+    elif captions:
+        raise DCOError("captions are given but images is not connected; captions label the images input (a "
+                       "dataset_dir folder reads its .txt files). Connect images, or clear captions.")
+    dataset = resolve_dataset(dataset_dir) if dataset_dir is not None and images is None else None
     is_config = dataset is not None and dataset.is_file()
-    if preset == "subject" and token_map == {} and dataset is not None and not is_config:
+    if preset == "subject" and token_map == {} and (images is not None or dataset is not None and not is_config):
         raise DCOError("tokens is empty, but the subject preset learns new tokens that the captions contain; give "
                        "them as <dog>=dog (token=starting word), or choose the style preset.")
+    if images is not None and captions is not None:
+        check_captions(captions, count, preset, token_map)
     if output_name is not None:
         needs_embeddings = bool(token_map) or (preset == "subject" and token_map is None)
         plan_outputs(output_name, bool(overwrite), resume or "off", needs_embeddings, clear=False)
@@ -267,15 +288,16 @@ class _Progress:
 
 
 def train_in_graph(model: Any, clip: Any, vae: Any, cfg: TrainConfig, plan: dict[str, Any], resume: str,
-                   node_id: str) -> dict[str, Any]:
-    """Run the engine on the graph's models; returns the paths and the history."""
+                   node_id: str, spec: Any = None) -> dict[str, Any]:
+    """Run the engine on the graph's models; returns the paths and the history. `spec` (a
+    DatasetSpec) holds images from the graph; without it the data is read from `cfg`'s folder."""
     import comfy.model_management as mm
 
     from ..dco_train.data import encode_dataset, load_dataset_spec
     from ..dco_train.train import Callbacks, RunOptions, resolve_mixed_precision, train, weight_dtype
     from .convert import components_from_graph, vae_decoder, vae_encoder
 
-    spec = load_dataset_spec(cfg)
+    spec = spec if spec is not None else load_dataset_spec(cfg)
     device = mm.get_torch_device()
     dtype = weight_dtype(resolve_mixed_precision(cfg.mixed_precision, device.type == "cuda"), device)
     progress = _Progress(node_id, cfg.max_train_steps)
@@ -318,17 +340,20 @@ class DCOTrainer(io.ComfyNode):
             category="DCO/training",
             description=(
                 "Train a DCO (Direct Consistency Optimization) LoRA for SDXL from a folder of images with .txt "
-                "captions; subjects also learn new tokens such as <dog> in both text encoders. The LoRA goes to the "
-                "loras folder and the tokens to the embeddings folder; the outputs are ready for reward guidance."
+                "captions, or from images in the graph with one caption each; subjects also learn new tokens such "
+                "as <dog> in both text encoders. The LoRA goes to the loras folder and the tokens to the embeddings "
+                "folder; the outputs are ready for reward guidance."
             ),
             is_output_node=True,
+            is_input_list=True,  # the image and text lists of dataset nodes arrive whole (see node_values)
             inputs=[
                 io.Model.Input("model", tooltip="The SDXL MODEL to fine-tune (from Load Checkpoint). It is not modified."),
                 io.Clip.Input("clip", tooltip="The SDXL CLIP of the same checkpoint. It is not modified."),
                 io.Vae.Input("vae", tooltip="The VAE that encodes the training images (once, before training)."),
                 io.String.Input("dataset_dir", default="dco/my_subject",
                                 tooltip="A folder of images with same-name .txt captions, or a reference config.json; "
-                                        "absolute, or relative to ComfyUI's input folder."),
+                                        "absolute, or relative to ComfyUI's input folder. Leave it empty when images "
+                                        "are connected."),
                 io.String.Input("config_name", default="", optional=True,
                                 tooltip="Which entry of config.json to train (only for a config.json dataset)."),
                 io.Combo.Input("preset", options=["subject", "style"], default="subject",
@@ -353,7 +378,9 @@ class DCOTrainer(io.ComfyNode):
                                tooltip="DCO beta: 1000-2000 keep the model close to the base; 0 or less trains the "
                                        "plain DreamBooth-LoRA loss."),
                 io.Int.Input("resolution", default=widget_default("resolution"), min=64, max=4096, step=64,
-                             tooltip="Training resolution in pixels (images are resized and centre-cropped)."),
+                             tooltip="Training resolution in pixels: folder images are resized and centre-cropped "
+                                     "to a square; connected images go to aspect-ratio buckets of about this many "
+                                     "pixels squared."),
                 io.Int.Input("batch_size", default=widget_default("batch_size"), min=1, max=64, tooltip="Images per step."),
                 io.Float.Input("offset_noise", default=widget_default("offset_noise"), min=-1.0, max=1.0, step=0.01,
                                tooltip="Offset-noise strength; -1 = the preset's (0 subject, 0.1 style)."),
@@ -375,6 +402,14 @@ class DCOTrainer(io.ComfyNode):
                                 tooltip="Optional prompt (with tokens) rendered with reward guidance as a preview."),
                 io.Int.Input("validation_every", default=widget_default("validation_every"), min=0, max=100000, optional=True,
                              tooltip="Render the preview every N steps (0 = never)."),
+                io.Image.Input("images", optional=True,
+                               tooltip="Train on these images instead of dataset_dir (then leave dataset_dir empty): "
+                                       "a batch, or a list of images of different sizes (e.g. from Load Image and "
+                                       "Text Dataset from Folder), which train in aspect-ratio buckets."),
+                io.String.Input("captions", default="", optional=True, multiline=True,
+                                tooltip="One caption per connected image, one per line in the order of the images, or "
+                                        "a linked list of texts. With tokens each names the subject, e.g. 'a photo of "
+                                        "a <dog> on the grass'; a style may leave them empty."),
             ],
             outputs=[
                 io.Model.Output("trained_model", display_name="MODEL",
@@ -391,32 +426,46 @@ class DCOTrainer(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, dataset_dir: str | None = None, preset: str | None = None, tokens: str | None = None,
-                        output_name: str | None = None, overwrite: bool | None = None,
-                        resume: str | None = None, mixed_precision: str | None = None) -> bool | str:
+    def validate_inputs(cls, dataset_dir: Any = None, preset: Any = None, tokens: Any = None, output_name: Any = None,
+                        overwrite: Any = None, resume: Any = None, mixed_precision: Any = None, images: Any = None,
+                        captions: Any = None) -> bool | str:
         """Refuse a request that cannot train before anything loads.
 
         The inputs are named (no **kwargs): ComfyUI attaches the message to each input this takes
         and range-checks only the inputs it does not take. The combos are all taken, because
-        ComfyUI v0.3.64 checks the options of V1 combos only, never a V3 node's.
+        ComfyUI v0.3.64 checks the options of V1 combos only, never a V3 node's. Each arrives as a
+        list (`is_input_list`); a linked one as `(None,)`, an unconnected optional one not at all.
         """
         try:
-            if mixed_precision is not None and mixed_precision not in MIXED_PRECISION_OPTIONS:
-                raise DCOError(f"mixed_precision {mixed_precision!r} is not an option; choose one of "
+            v = node_values(dict(dataset_dir=dataset_dir, preset=preset, tokens=tokens, output_name=output_name,
+                                 overwrite=overwrite, resume=resume, mixed_precision=mixed_precision, images=images,
+                                 captions=captions))
+            if v["mixed_precision"] is not None and v["mixed_precision"] not in MIXED_PRECISION_OPTIONS:
+                raise DCOError(f"mixed_precision {v['mixed_precision']!r} is not an option; choose one of "
                                f"{', '.join(MIXED_PRECISION_OPTIONS)}.")
-            check_request(dataset_dir, preset, tokens, output_name, overwrite, resume)
+            check_request(v["dataset_dir"], v["preset"], v["tokens"], v["output_name"], v["overwrite"], v["resume"],
+                          v["images"], v["captions"])
         except DCOError as exc:
             return str(exc)
         return True
 
     @classmethod
-    def fingerprint_inputs(cls, dataset_dir: str = "", **kwargs: Any) -> str:
-        """Re-run when the dataset's files change, not only when a widget does."""
-        digest = hashlib.sha256()
+    def fingerprint_inputs(cls, dataset_dir: Any = "", images: Any = None, captions: Any = None, **kwargs: Any) -> str:
+        """Re-run when the dataset's files change, not only when a widget does; images and captions
+        are hashed as well. (ComfyUI resolves no link here, so linked images arrive as None; its
+        cache already re-runs the node when the node upstream of them changes.)"""
+        dataset_dir = one_value("dataset_dir", dataset_dir) or ""
+        digest = hashlib.sha256(dataset_dir.encode())
+        for caption in caption_list(captions) or []:
+            digest.update(b"\ncaption|" + caption.encode())
+        for image in image_list(images) or []:
+            if image is not None:
+                digest.update(f"\nimage|{tuple(image.shape)}|".encode())
+                digest.update(image.detach().float().cpu().contiguous().numpy().tobytes())
         try:
             path = resolve_dataset(dataset_dir)
         except DCOError:
-            return dataset_dir
+            return digest.hexdigest()
         files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
         for f in files:
             st = f.stat()
@@ -424,28 +473,38 @@ class DCOTrainer(io.ComfyNode):
         return digest.hexdigest()
 
     @classmethod
-    def execute(cls, model: Any, clip: Any, vae: Any, dataset_dir: str, output_name: str, overwrite: bool = False,
-                resume: str = "off", preset: str = "subject", tokens: str = "", config_name: str = "",
-                validation_prompt: str = "", **widgets: Any) -> io.NodeOutput:
-        """`widgets` are the config widgets of WIDGET_FIELDS; a missing one takes its default."""
+    def execute(cls, **inputs: Any) -> io.NodeOutput:
+        """ComfyUI hands every input over as a list (`is_input_list`); `node_values` unwraps them."""
+        return cls.run(**node_values(inputs))
+
+    @classmethod
+    def run(cls, model: Any, clip: Any, vae: Any, dataset_dir: str, output_name: str, overwrite: bool = False,
+            resume: str = "off", preset: str = "subject", tokens: str = "", config_name: str = "",
+            validation_prompt: str = "", images: list[torch.Tensor] | None = None, captions: list[str] | None = None,
+            **widgets: Any) -> io.NodeOutput:
+        """Train on one value per input. `widgets` are the config widgets of WIDGET_FIELDS; a missing
+        one takes its default. `images` are single [H, W, C] images, `captions` one per image."""
         import comfy.sd
         import comfy.utils
 
+        from ..dco_train.data import spec_from_images
         from ..dco_train.formats import load_embeddings
         from ..dco_train.plot import curve_image
         from .convert import check_sdxl
         from .embeddings import add_tokens
 
         require_engine()
-        check_request(dataset_dir, preset, tokens, output_name, overwrite, resume)
+        captions = captions or []
+        check_request(dataset_dir, preset, tokens, output_name, overwrite, resume, images, captions)
         check_sdxl(model)
-        dataset = resolve_dataset(dataset_dir)
+        dataset = resolve_dataset(dataset_dir) if images is None else None
         cfg = build_config(dataset, preset=preset, tokens=tokens, config_name=config_name,
                            validation_prompt=validation_prompt,
                            **{w: widgets.get(w, widget_default(w)) for w in WIDGET_FIELDS})
+        spec = None if images is None else spec_from_images(images, captions or [""] * len(images), cfg)
         plan = plan_outputs(output_name, overwrite, resume, cfg.train_text_encoder_ti)
         node_id = str(cls.hidden.unique_id) if getattr(cls, "hidden", None) is not None else ""
-        out = train_in_graph(model, clip, vae, cfg, plan, resume, node_id)
+        out = train_in_graph(model, clip, vae, cfg, plan, resume, node_id, spec=spec)
 
         lora_sd = comfy.utils.load_torch_file(str(out["lora"]), safe_load=True)
         new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, lora_sd, 1.0, 1.0)

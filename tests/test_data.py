@@ -284,3 +284,115 @@ def test_a_config_json_token_without_a_word_or_base_prompts_is_refused(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"mine": entry}), encoding="utf-8")
     with pytest.raises(DCOError, match="No word is known for <dog>"):
         load_dataset_spec(quick_config(config_dir=str(tmp_path / "config.json"), tokens={}, train_text_encoder_ti=True))
+
+
+# ------------------------------------------------------------------------------- in-memory images
+def _tensor(image: Image.Image) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+
+
+def _scene(i: int, size=(80, 64)) -> Image.Image:
+    from PIL import ImageDraw
+
+    im = Image.new("RGB", size, (40 * i % 255, 120, 200))
+    ImageDraw.Draw(im).ellipse((8 + 4 * i, 8, size[0] // 2 + 8, size[1] - 8), fill=(230, 40, 40))
+    return im
+
+
+def test_images_in_memory_train_like_files(tiny, subject_dir):
+    """The same pictures as tensors give the same latents as from their files, named image 1, 2, ..."""
+    from dco_train.data import spec_from_images
+
+    cfg = quick_config(data_dir=str(subject_dir))
+    from_files = load_dataset_spec(cfg)
+    images = [_tensor(open_rgb(s.image)) for s in from_files.samples]
+    spec = spec_from_images(images, [s.prompt for s in from_files.samples], quick_config())
+    assert [s.name for s in spec.samples] == ["image 1", "image 2", "image 3"]
+    assert [s.base_prompt for s in spec.samples] == [s.base_prompt for s in from_files.samples]
+    enc = vae_encoder(tiny.vae)
+    a, b = encode_dataset(enc, from_files, cfg), encode_dataset(enc, spec, quick_config())
+    for x, y in zip(a.items, b.items):
+        assert torch.allclose(x.mean, y.mean, atol=1e-6) and torch.equal(x.time_ids, y.time_ids)
+    assert b.items[1].name == "image 2" and b.items[1].image_path is None and a.items[1].name == "img1.png"
+
+
+def test_in_memory_images_of_two_sizes_go_to_two_buckets(tiny):
+    from dco_train.data import spec_from_images
+
+    cfg = quick_config(resolution=128, buckets=True)
+    images = [_tensor(_scene(0, (256, 128))), _tensor(_scene(1, (128, 128))), _tensor(_scene(2, (256, 128)))]
+    spec = spec_from_images(images, ["a <obj> wide", "a <obj> square", "a <obj> wide again"], cfg)
+    data = encode_dataset(vae_encoder(tiny.vae), spec, cfg)
+    assert sorted(len(g) for g in data.bucket_groups()) == [1, 2]
+    wide = data.items[0].mean.shape
+    assert wide[2] > wide[1] and data.items[1].mean.shape[1] == data.items[1].mean.shape[2]
+
+
+def test_in_memory_alpha_and_grey_images_become_rgb():
+    from dco_train.data import image_from_tensor
+
+    rgba = torch.zeros(4, 4, 4)  # transparent black -> white
+    assert image_from_tensor(rgba).getpixel((0, 0)) == (255, 255, 255)
+    assert image_from_tensor(torch.full((4, 4, 1), 0.5)).getpixel((1, 1)) == (128, 128, 128)
+    with pytest.raises(DCOError, match=r"\[height, width, channels\]"):
+        image_from_tensor(torch.zeros(3, 4, 4, 4))
+
+
+@pytest.mark.parametrize("images, captions, message", [
+    ([], [], "No training images"),
+    ([torch.zeros(8, 8, 3)] * 2, ["a <obj>"], "2 images came with 1 captions"),
+    ([torch.zeros(8, 8, 3)], ["a toy"], r"caption of image 1 \('a toy'\) does not contain <obj>"),
+])
+def test_in_memory_bad_inputs_are_sentences(images, captions, message):
+    from dco_train.data import spec_from_images
+
+    with pytest.raises(DCOError, match=message):
+        spec_from_images(images, captions, quick_config())
+
+
+# ------------------------------------------------------------------------------- dataset warnings
+def _warnings(tiny, images: list[Image.Image], captions: list[str], caplog) -> list[str]:
+    from dco_train.data import spec_from_images
+
+    cfg = quick_config()
+    spec = spec_from_images([_tensor(im) for im in images], captions, cfg)
+    with caplog.at_level("WARNING", logger="dco_train.data"):
+        data = encode_dataset(vae_encoder(tiny.vae), spec, cfg)
+    assert [r.getMessage() for r in caplog.records if r.getMessage() in data.warnings] == data.warnings
+    return data.warnings
+
+
+DISTINCT = ["a photo of a <obj> on a table", "a <obj> in the snow", "a <obj> on the beach"]
+
+
+def test_a_good_set_has_no_warnings(tiny, caplog):
+    assert _warnings(tiny, [_scene(i) for i in range(3)], DISTINCT, caplog) == []
+
+
+def test_fewer_than_three_images_are_warned_about(tiny, caplog):
+    (warning,) = _warnings(tiny, [_scene(0), _scene(1)], DISTINCT[:2], caplog)
+    assert warning.startswith("Only 2 training images")
+
+
+def test_near_duplicates_are_named_both(tiny, caplog, tmp_path):
+    import io
+
+    buf = io.BytesIO()
+    _scene(0).save(buf, "JPEG", quality=80)  # a re-compressed, resized copy of image 1
+    copy = Image.open(buf).convert("RGB").resize((120, 96))
+    (warning,) = _warnings(tiny, [_scene(0), _scene(1), copy, _scene(2)], DISTINCT + ["a <obj> again"], caplog)
+    assert warning.startswith("image 1 and image 3 look like near-duplicates")
+
+
+def test_one_caption_for_every_image_is_warned_about(tiny, caplog):
+    (warning,) = _warnings(tiny, [_scene(i) for i in range(3)], ["a photo of a <obj>"] * 3, caplog)
+    assert warning.startswith("All 3 captions are the same ('a photo of a <obj>')")
+
+
+def test_folder_datasets_get_the_warnings_too(tiny, tmp_path):
+    write_images(tmp_path / "d", ["a <obj>", "a <obj>"])
+    cfg = quick_config(data_dir=str(tmp_path / "d"))
+    warnings = encode_dataset(vae_encoder(tiny.vae), load_dataset_spec(cfg), cfg).warnings
+    assert [w.split(":")[0] for w in warnings] == ["Only 2 training images", "All 2 captions are the same ('a <obj>')"]

@@ -276,7 +276,7 @@ def test_widget_defaults_follow_the_recipes(tmp_path):
         expected = trainer.PRESET_CHOSEN.get(widget, trainer.NODE_DEFAULTS.get(widget, getattr(recipe, field)))
         assert inputs[widget].default == expected, widget
     not_config = {"model", "clip", "vae", "dataset_dir", "config_name", "preset", "tokens", "output_name", "overwrite",
-                  "resume", "validation_prompt"}
+                  "resume", "validation_prompt", "images", "captions"}
     assert set(inputs) == set(trainer.WIDGET_FIELDS) | not_config
     defaults = {w: inputs[w].default for w in trainer.WIDGET_FIELDS}
     for preset, tokens, made in (("subject", "<dog>=dog", recipe), ("style", "", TrainConfig.style())):

@@ -157,6 +157,70 @@ def subject_style_merge() -> dict[str, Any]:
 SPECS = [train_subject(), train_style(), subject_rg(), subject_style_merge()]
 NAMES = [s["name"] for s in SPECS]
 
+GENERATED_CAPTIONS = ["a photo of a <obj> on a table", "a photo of a <obj> in the snow", "a photo of a <obj> on the beach"]
+
+
+def train_on_generated(loader: str = "DCOTestTinySDXL", size: int = 64, steps: int = 3) -> dict[str, Any]:
+    """The issue-13 acceptance graph (not shipped): stock nodes generate three images (Empty Latent
+    Image -> KSampler -> VAE Decode), DCO Trainer learns <obj> from them with one caption per line,
+    and the trained MODEL/CLIP sample through the RG guider. Sized for the tiny test SDXL; the ids
+    match `_sampling_chain`'s layout so a browser test can build it with BUILD_JS."""
+    pos, neg, latent, ksampler, decode, trainer, pair = 2, 3, 4, 5, 6, 7, 8
+    nodes = [
+        {"id": 1, "type": loader, "col": 0, "widgets": {"seed": 0} if loader == "DCOTestTinySDXL" else {"ckpt_name": CKPT}},
+        {"id": pos, "type": "CLIPTextEncode", "col": 1, "widgets": {"text": "a photo of a toy"}},
+        {"id": neg, "type": "CLIPTextEncode", "col": 1, "widgets": {"text": "blurry"}, "title": "Negative prompt"},
+        {"id": latent, "type": "EmptyLatentImage", "col": 1, "widgets": {"width": size, "height": size, "batch_size": 3}},
+        {"id": ksampler, "type": "KSampler", "col": 2,
+         "widgets": {"seed": 7, "steps": 2, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        {"id": decode, "type": "VAEDecode", "col": 2},
+        _trainer(trainer, 3, dataset_dir="", preset="subject", tokens="<obj>=toy", output_name="dco_generated",
+                 steps=steps, rank=4, learning_rate=1e-3, text_encoder_lr=1e-3, resolution=size, mixed_precision="no",
+                 checkpoint_every=0, validation_every=0, captions="\n".join(GENERATED_CAPTIONS)),
+        {"id": pair, "type": "DCOPromptPair", "col": 4, "widgets": {"text": "a photo of a <obj> on the grass", "word_map": ""}},
+    ]
+    links = [
+        (1, 1, pos, "clip"), (1, 1, neg, "clip"), (1, 0, ksampler, "model"), (pos, 0, ksampler, "positive"),
+        (neg, 0, ksampler, "negative"), (latent, 0, ksampler, "latent_image"), (ksampler, 0, decode, "samples"),
+        (1, 2, decode, "vae"), (1, 0, trainer, "model"), (1, 1, trainer, "clip"), (1, 2, trainer, "vae"),
+        (decode, 0, trainer, "images"), (trainer, 1, pair, "token_clip"), (1, 1, pair, "base_clip"),
+    ]
+    more, more_links = _sampling_chain(9, model=1, model_ft=trainer, pair=pair, neg=neg, vae=1, prefix="dco_generated",
+                                       col=4)
+    for node in more:  # the tiny model's sizes and a short schedule
+        if node["type"] == "EmptyLatentImage":
+            node["widgets"] = {"width": size, "height": size, "batch_size": 1}
+        elif node["type"] == "BasicScheduler":
+            node["widgets"] = {"scheduler": "normal", "steps": 2, "denoise": 1.0}
+        elif node["type"] == "KSamplerSelect":
+            node["widgets"] = {"sampler_name": "euler"}
+    return {"name": "dco_train_on_generated", "nodes": nodes + more, "links": links + more_links,
+            "thumb": [ksampler, trainer, pair]}
+
+
+def api_prompt(spec: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any]:
+    """A spec as an API-format prompt (what POST /prompt takes): each node's widget values from the
+    spec, the rest from its defaults in `/object_info`, and the links by input name."""
+    prompt: dict[str, Any] = {}
+    for node in spec["nodes"]:
+        if node["type"] in ("Note", "MarkdownNote"):
+            continue
+        info = object_info[node["type"]]["input"]
+        inputs: dict[str, Any] = {}
+        for section in ("required", "optional"):
+            for name, entry in (info.get(section) or {}).items():
+                raw, opts = entry[0], entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+                if name in node.get("widgets", {}):
+                    inputs[name] = node["widgets"][name]
+                elif "default" in opts:
+                    inputs[name] = opts["default"]
+                elif section == "required" and (isinstance(raw, list) or raw == "COMBO"):
+                    inputs[name] = (raw if isinstance(raw, list) else opts["options"])[0]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    for src, slot, dst, name in spec["links"]:
+        prompt[str(dst)]["inputs"][name] = [str(src), slot]
+    return prompt
+
 # ----------------------------------------------------------------------------- server and page set-up
 # No first-run template dialog, no minimap or canvas info over the screenshots.
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False}
