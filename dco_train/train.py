@@ -703,6 +703,8 @@ def train(cfg: TrainConfig, components: SDXLComponents, run: RunOptions, data: T
         return trainer.fit()
     except Cancelled:
         log.info("Cancelled: no final files written.")
+        if trainer is not None and trainer.acc.log_with:
+            trainer.acc.end_training()
         step = getattr(trainer, "step", 0) if trainer is not None else 0
         history = list(trainer.history) if trainer is not None and "monitor" in trainer.__dict__ else []
         checkpoints = list(getattr(trainer, "checkpoints", [])) if trainer is not None else []
