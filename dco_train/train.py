@@ -39,6 +39,7 @@ from .loss import diffusion_target, min_snr_weight
 from .models import SDXLComponents
 from .monitor import CACHING, LOADING, PREPARING, SAVING, TRAINING, Cancelled, Monitor, per_image_errors
 from .order import DataOrder
+from .outputs import PER_IMAGE_NAME
 from .step import dco_step
 from .text import PromptEmbeds, encode_prompts
 from .ti import TokenSet, add_tokens
@@ -686,8 +687,6 @@ class _Trainer:
         self.acc.wait_for_everyone()
         return per_image, (lora_path, emb_path)
 
-
-PER_IMAGE_NAME = "per_image.json"
 
 
 def train(cfg: TrainConfig, components: SDXLComponents, run: RunOptions, data: TrainData | None = None) -> TrainResult:
