@@ -87,7 +87,9 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
 
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    return atomic_write(path, lambda tmp: save_file(clean, str(tmp), metadata=meta))
+    # No tensors with an empty metadata dict makes safetensors (0.8) write an unreadable header
+    # (`{},"__metadata__":{}}`): an optimizer state that is still empty, say. No metadata is valid.
+    return atomic_write(path, lambda tmp: save_file(clean, str(tmp), metadata=meta or None))
 
 
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -18,8 +18,10 @@ from .errors import DCOError
 #: What diffusers' `load_lora_weights(folder)` looks for; the CLI names its LoRA so.
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 EMBEDDINGS_NAME = "embeddings.safetensors"
+PER_IMAGE_NAME = "per_image.json"  # each training image's final error, LoRA on and off
 # Files and folders a finished or partial run leaves behind (the engine's default names too).
-RUN_MARKERS = ("metrics.jsonl", "checkpoints", DIFFUSERS_LORA_NAME, "lora.safetensors", EMBEDDINGS_NAME)
+RUN_MARKERS = ("metrics.jsonl", "checkpoints", DIFFUSERS_LORA_NAME, "lora.safetensors", EMBEDDINGS_NAME,
+               PER_IMAGE_NAME)
 
 
 def run_files(folder: Path, extra: Iterable[Path] = ()) -> list[Path]:

@@ -220,9 +220,10 @@ class RGDenoiser:
 def rg_sample(
     comps: SDXLComponents, s: SampleSettings, word_map: dict[str, str] | None = None,
     autocast: Callable[[], Any] = contextlib.nullcontext, decode: Callable[[torch.Tensor], list[Any]] | None = None,
-    output_type: str = "pil", progress_bar: bool = False,
+    output_type: str = "pil", progress_bar: bool = False, on_step: Callable[[int, int], None] | None = None,
 ):
-    """Sample `s.num_images` images with reward guidance; returns PIL images (or latents)."""
+    """Sample `s.num_images` images with reward guidance; returns PIL images (or latents).
+    `on_step(done, total)` is called after every step (it may raise to stop sampling)."""
     denoiser = RGDenoiser(comps, s, word_map, autocast)
     scheduler = make_scheduler(s.scheduler, comps.scheduler.config)
     scheduler.set_timesteps(s.steps, device=denoiser.device)
@@ -233,9 +234,12 @@ def rg_sample(
     step_kw = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     from tqdm.auto import tqdm
 
-    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress_bar, dynamic_ncols=True):
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress_bar, dynamic_ncols=True)):
         eps = denoiser(scheduler.scale_model_input(latents, t), t)
         latents = scheduler.step(eps, t, latents, **step_kw).prev_sample
+        if on_step is not None:
+            on_step(i + 1, len(timesteps))
     if output_type == "latent":
         return latents
     return (decode or (lambda z: decode_latents(comps.vae, z)))(latents)
@@ -257,19 +261,23 @@ def decode_latents(vae: Any, latents: torch.Tensor) -> list[Any]:
 
 
 def render_previews(comps: SDXLComponents, cfg: Any, token_set: TokenSet | None, autocast: Callable[[], Any],
-                    decode: Callable[[torch.Tensor], list[Any]] | None = None) -> list[Any]:
+                    decode: Callable[[torch.Tensor], list[Any]] | None = None,
+                    on_step: Callable[[int, int], None] | None = None) -> list[Any]:
     """The training previews: every validation prompt with RG at a fixed seed, with the LoRA and
-    TI rows as they are now. Train/eval modes are put back; no training RNG is consumed."""
+    TI rows as they are now. Train/eval modes are put back; no training RNG is consumed.
+    `on_step(done, total)` counts the sampling steps of all prompts together."""
     modes = [(m, m.training) for m in (comps.unet, *comps.text_encoders)]
     for m, _ in modes:
         m.eval()
     try:
         word_map = token_set.word_map if token_set else {}
         images = []
-        for prompt in cfg.validation_prompts:
+        total = len(cfg.validation_prompts) * cfg.validation_steps
+        for n, prompt in enumerate(cfg.validation_prompts):
             s = SampleSettings(prompt=prompt, cfg=cfg.validation_cfg, rg=cfg.validation_rg, steps=cfg.validation_steps,
                                seed=cfg.validation_seed, width=cfg.resolution, height=cfg.resolution)
-            images += rg_sample(comps, s, word_map, autocast=autocast, decode=decode)
+            counted = (lambda done, _, base=n * cfg.validation_steps: on_step(base + done, total)) if on_step else None
+            images += rg_sample(comps, s, word_map, autocast=autocast, decode=decode, on_step=counted)
         return images
     finally:
         for m, mode in modes:

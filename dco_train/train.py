@@ -28,15 +28,18 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import checkpoint as ckpt_io
+from . import checkpointing
 from .config import TrainConfig
 from .data import TrainData, encode_dataset, load_dataset_spec, vae_encoder
 from .drift import DriftMeter
 from .errors import DCOError
-from .formats import save_embeddings, save_lora
-from .lora import TEXT_TARGETS, UNET_TARGETS, add_lora, load_lora_state_dict, lora_state_dict
+from .formats import atomic_write, save_embeddings, save_lora
+from .lora import TEXT_TARGETS, UNET_TARGETS, add_lora
 from .loss import diffusion_target, min_snr_weight
 from .models import SDXLComponents
+from .monitor import CACHING, LOADING, PREPARING, SAVING, TRAINING, Cancelled, Monitor, per_image_errors
 from .order import DataOrder
+from .outputs import PER_IMAGE_NAME
 from .step import dco_step
 from .text import PromptEmbeds, encode_prompts
 from .ti import TokenSet, add_tokens
@@ -60,6 +63,7 @@ class StepInfo:
     drift: float | None = None
     fit: float | None = None
     drift_s: float | None = None
+    preview_s: float | None = None  # what this step's previews cost (seconds)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -72,7 +76,10 @@ class Callbacks:
     on_preview: Callable[[int, list[Any]], None] | None = None
     on_status: Callable[[str], None] | None = None
     # readings taken outside an optimizer step: the drift meter's step-0 baseline {"step": 0, "drift", "fit", ...}
+    # and each preview's cost {"step", "preview_s", "preview_steps_equiv"} (seconds / mean training-step seconds)
     on_metrics: Callable[[dict[str, Any]], None] | None = None
+    # (label, done, total) after every unit of work; the labels are monitor.PHASES
+    on_phase: Callable[[str, int, int], None] | None = None
 
 
 @dataclass
@@ -116,6 +123,9 @@ class TrainResult:
     history: list[dict[str, Any]]
     components: SDXLComponents
     token_set: TokenSet | None
+    # each training image's final error, LoRA on and off: {"name", "err_lora", "err_base"}
+    per_image: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the dataset's (TrainData.warnings)
 
 
 def resolve_mixed_precision(mixed_precision: str, cuda: bool) -> str:
@@ -234,7 +244,8 @@ def nan_loss_message(loss: float, step: int, checkpoints: list[Path]) -> str:
 
 
 class _Trainer:
-    """One run's state; `train()` below is the public entry point."""
+    """One run's state; `train()` below is the public entry point. The step is `step.py`'s, the
+    checkpoints `checkpointing.py`'s and the reports (phases, Cancel, log, previews) `monitor.py`'s."""
 
     def __init__(self, cfg: TrainConfig, comps: SDXLComponents, run: RunOptions, data: TrainData | None):
         self.cfg, self.comps, self.run = cfg, comps, run
@@ -248,6 +259,8 @@ class _Trainer:
         self.device = self.acc.device
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.is_main = self.acc.is_main_process
+        self.monitor = Monitor(run, self.acc)
+        self.step = 0
         self.preflight()
         self.noise_scheduler = comps.training_scheduler(cfg.prediction_type)
         self.prediction_type = self.noise_scheduler.config.prediction_type
@@ -257,7 +270,10 @@ class _Trainer:
             raise DCOError("The dataset is empty.")
         if cfg.train_text_encoder_ti and not self.data.tokens:
             self.data.tokens = dict(cfg.tokens)
+        self.monitor.check()
+        self.monitor.phase(LOADING, 0, 1)
         self._place_models()
+        self.monitor.unit_done(LOADING)(1, 1)
         self.text_home = self.device
         self.status("Caching prompt embeddings")
         with torch.no_grad(), self.autocast():
@@ -299,15 +315,18 @@ class _Trainer:
                     enc.train()
         self.generator = torch.Generator().manual_seed(cfg.seed * 1009 + self.rank)
         self.order = DataOrder(self.data.bucket_groups(), cfg.train_batch_size * self.world, cfg.seed)
-        self.step = 0
-        self.history: list[dict[str, Any]] = []
         self.checkpoints: list[Path] = []
+        self.saved_step: int | None = None  # the step of the checkpoint this run saved last
         self.drift = None
         if cfg.drift_every:
             self.drift = DriftMeter(
                 comps.unet, self._encode_batch, self.data.items, self.noise_scheduler, self.prediction_type,
                 cfg.drift_prompts, autocast=self.autocast,
             )
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.monitor.history
 
     # ------------------------------------------------------------------ helpers
     def preflight(self) -> None:
@@ -348,9 +367,7 @@ class _Trainer:
         return total
 
     def status(self, text: str) -> None:
-        log.info(text)
-        if self.cb.on_status:
-            self.cb.on_status(text)
+        self.monitor.status(text)
 
     def autocast(self):
         return self.acc.autocast()
@@ -359,8 +376,9 @@ class _Trainer:
         if self.comps.vae is None:
             raise DCOError("No VAE was given to encode the training images.")
         spec = load_dataset_spec(self.cfg)
+        self.monitor.phase(PREPARING, 0, len(spec.samples))
         _move(self.comps.vae, self.device, torch.float32)
-        return encode_dataset(vae_encoder(self.comps.vae), spec, self.cfg)
+        return encode_dataset(vae_encoder(self.comps.vae), spec, self.cfg, progress=self.monitor.unit_done(PREPARING))
 
     def _place_models(self) -> None:
         dtype = weight_dtype(self.mp, self.device)
@@ -397,8 +415,15 @@ class _Trainer:
             return encode_prompts(self.comps.tokenizers, self.comps.text_encoders, prompts)
 
     def _encode_each(self, prompts: list[str]) -> list[PromptEmbeds]:
-        # one prompt at a time, so a cached embedding never depends on what it was batched with
-        return [self._encode_batch([p])[0:1] for p in prompts]
+        # one prompt at a time, so a cached embedding never depends on what it was batched with;
+        # each is a unit of the caching phase (reported, and Cancel checked, after it)
+        done = self.monitor.unit_done(CACHING)
+        self.monitor.phase(CACHING, 0, len(prompts))
+        out = []
+        for i, p in enumerate(prompts):
+            out.append(self._encode_batch([p])[0:1])
+            done(i + 1, len(prompts))
+        return out
 
     def _optimizer(self, groups: list[dict[str, Any]]):
         kw = dict(betas=(self.cfg.adam_beta1, self.cfg.adam_beta2), eps=self.cfg.adam_epsilon,
@@ -478,84 +503,58 @@ class _Trainer:
             means = dict(zip(keys, vec.tolist()))
         return {k: means.get(k) for k in ("loss", "err_model", "err_ref", "reward_gap")}
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (checkpointing.py)
     def _lora_states(self) -> dict[str, dict[str, torch.Tensor]]:
-        states = {"unet": lora_state_dict(self.comps.unet)}
-        if self.cfg.train_text_encoder_lora:
-            states["text_encoder"] = lora_state_dict(self.comps.text_encoder)
-            states["text_encoder_2"] = lora_state_dict(self.comps.text_encoder_2)
-        return states
+        return checkpointing.lora_states(self)
 
     def save_checkpoint(self) -> Path:
-        rng = self.generator.get_state()
-        if self.world > 1:
-            rng = self.acc.gather(rng.to(self.device)).cpu().view(self.world, -1)
-            rngs = list(rng)
-        else:
-            rngs = [rng]
-        path = self.run.checkpoint_dir / f"checkpoint-{self.step}"
-        if self.is_main:
-            state = ckpt_io.CheckpointState(
-                step=self.step, lora=self._lora_states(), optimizer=self.optimizer.optimizer.state_dict(),
-                lr_scheduler=self.lr_scheduler.state_dict(), data_order=self.order.state_dict(), rng=rngs,
-                config=self.cfg.to_dict(), embeddings=self.token_set.to_embeddings() if self.token_set else None,
-                scaler=self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
-            )
-            ckpt_io.save_checkpoint(path, state)
-            ckpt_io.prune_checkpoints(self.run.checkpoint_dir, self.cfg.checkpoints_total_limit)
-        self.acc.wait_for_everyone()
-        self.checkpoints = ckpt_io.list_checkpoints(self.run.checkpoint_dir)
+        self.monitor.phase(SAVING, 0, 1)
+        path = checkpointing.save_checkpoint(self)
+        self.saved_step = self.step
+        self.monitor.phase(SAVING, 1, 1)
         return path
 
     def resume(self, folder: Path) -> None:
-        state = ckpt_io.load_checkpoint(folder)
-        saved = {k: v for k, v in state.config.items() if k not in _RESUME_MAY_CHANGE}
-        now = {k: v for k, v in self.cfg.to_dict().items() if k not in _RESUME_MAY_CHANGE}
-        changed = sorted(k for k in now if saved.get(k) != now[k])
-        if changed:
-            raise DCOError(
-                f"The checkpoint {folder} was trained with different settings ({', '.join(changed)}); "
-                "resume with the same settings or start a new run."
-            )
-        load_lora_state_dict(self.comps.unet, state.lora["unet"])
-        if self.cfg.train_text_encoder_lora:
-            load_lora_state_dict(self.comps.text_encoder, state.lora["text_encoder"])
-            load_lora_state_dict(self.comps.text_encoder_2, state.lora["text_encoder_2"])
-        if self.token_set is not None:
-            if state.embeddings is None:
-                raise DCOError(f"The checkpoint {folder} holds no token rows, but this run trains tokens.")
-            self.token_set.load_rows_(state.embeddings)
-        self.optimizer.optimizer.load_state_dict(state.optimizer)
-        self.lr_scheduler.load_state_dict(state.lr_scheduler)
-        if state.scaler and self.acc.scaler is not None:
-            self.acc.scaler.load_state_dict(state.scaler)
-        self.order.load_state_dict(state.data_order)
-        if len(state.rng) != self.world:
-            raise DCOError(f"The checkpoint {folder} was written by {len(state.rng)} process(es); resume with as many.")
-        self.generator.set_state(state.rng[self.rank])
-        self.step = state.step
-        self.history = [h for h in _read_log(self.run.log_path) if h.get("step", 0) <= self.step]
-        if self.is_main:
-            _write_log(self.run.log_path, self.history)
-        self.checkpoints = ckpt_io.list_checkpoints(self.run.checkpoint_dir)
-        self.status(f"Resumed from {folder} at step {self.step}")
+        checkpointing.resume(self, folder)
 
-    # ------------------------------------------------------------------ previews, drift
+    # ------------------------------------------------------------------ previews, drift (monitor.py)
     def _monitor(self, info: StepInfo) -> None:
         cfg = self.cfg
         if self.drift is not None and (self.step % cfg.drift_every == 0 or self.step == cfg.max_train_steps):
-            text_models = self.comps.text_encoders if cfg.train_text_encoder_lora else ()
-            t0 = time.perf_counter()
-            info.__dict__.update(self.drift.measure(text_models))
-            info.drift_s = time.perf_counter() - t0  # what the meter cost (reported in the log)
+            self.monitor.measure_drift(info, self.drift, self.comps.text_encoders if cfg.train_text_encoder_lora else ())
         if cfg.validation_every and cfg.validation_prompts and self.cb.on_preview and self.is_main and (
             self.step % cfg.validation_every == 0 or self.step == cfg.max_train_steps
         ):
             from .sample import render_previews
 
-            with self.text_encoders_on_device():
-                images = render_previews(self.comps, cfg, self.token_set, self.autocast, decode=self.run.decode_latents)
-            self.cb.on_preview(self.step, images)
+            def render(on_step: Callable[[int, int], None]) -> list[Any]:
+                with self.text_encoders_on_device():
+                    return render_previews(self.comps, cfg, self.token_set, self.autocast,
+                                           decode=self.run.decode_latents, on_step=on_step)
+
+            info.preview_s = self.monitor.preview(self.step, render)
+            self.monitor.phase(TRAINING, self.step, cfg.max_train_steps)
+
+    def _per_image(self, units: int) -> list[dict[str, Any]]:
+        """The final per-image errors (main process); each image is a unit of the saving phase."""
+        if not self.is_main or self.monitor.stop_seen_here():
+            return []
+
+        def token_prompt(p: str) -> PromptEmbeds:
+            if self.needs_text_grad:  # the TI rows / text LoRA trained: the cache holds their start
+                with self.autocast():
+                    return self._encode_batch([p])
+            return self.cache[p]
+
+        def on_item(done: int, total: int) -> None:
+            self.monitor.phase(SAVING, done, units)
+            if self.monitor.stop_seen_here():
+                raise Cancelled()
+
+        self.monitor.phase(SAVING, 0, units)
+        with self.text_encoders_on_device():
+            return per_image_errors(self.comps.unet, self.data.items, token_prompt, self.cache.__getitem__,
+                                    self.noise_scheduler, self.prediction_type, self.autocast, on_item)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:
@@ -569,27 +568,31 @@ class _Trainer:
                 self.cb.on_status(f"No checkpoint in {run.checkpoint_dir} to resume from: starting afresh")
         if folder is not None:
             self.resume(folder)
-        elif self.is_main and run.log_path.exists():
-            run.log_path.unlink()
+        else:
+            self.monitor.start_log()
+        self.monitor.check()
         if self.acc.log_with:
             self.acc.init_trackers("dco", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
         if self.drift is not None and self.step == 0:
             first = {"step": 0, **self.drift.measure(self.comps.text_encoders if cfg.train_text_encoder_lora else ())}
             self._log(first)
-            if self.cb.on_metrics:
-                self.cb.on_metrics(first)
+            self.monitor.metrics(first)
+            self.monitor.check()
         progress = None
         if run.progress_bar and self.is_main:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=cfg.max_train_steps, initial=self.step, desc="DCO", dynamic_ncols=True)
         self.status("Training")
+        self.monitor.phase(TRAINING, self.step, cfg.max_train_steps)
         start, start_step, stopped = time.perf_counter(), self.step, False
         held = contextlib.ExitStack()
         held.enter_context(_share_lora_inputs(self.comps.unet, self.mp in ("bf16", "fp16")))
         try:
             while self.step < cfg.max_train_steps:
+                t0 = time.perf_counter()
                 stats = self._optimizer_step()
+                self.monitor.step_timed(time.perf_counter() - t0)
                 elapsed = time.perf_counter() - start
                 rate = elapsed / max(1, self.step - start_step)
                 info = StepInfo(step=self.step, total=cfg.max_train_steps, lr=self.lr_scheduler.get_last_lr()[0],
@@ -601,11 +604,18 @@ class _Trainer:
                     progress.set_postfix(loss=f"{info.loss:.4f}", gap=f"{info.reward_gap or 0:.2e}")
                 if self.cb.on_step:
                     self.cb.on_step(info)
-                if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0 and self.step < cfg.max_train_steps:
+                stop = self._stop_requested()
+                if not stop and cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0 \
+                        and self.step < cfg.max_train_steps:
                     self.save_checkpoint()
-                if self._stop_requested():
+                    stop = self._stop_requested()  # a Cancel during the save stops here, not a step later
+                    if not stop:
+                        self.monitor.phase(TRAINING, self.step, cfg.max_train_steps)
+                if stop:
+                    # Cancel is honoured even after the last step: no final files, and a checkpoint
+                    # from which `resume` writes them at once
                     stopped = True
-                    if self.step < cfg.max_train_steps:
+                    if self.saved_step != self.step:
                         self.status(f"Stopping at step {self.step}: saving a checkpoint")
                         self.save_checkpoint()
                     break
@@ -614,29 +624,37 @@ class _Trainer:
             if progress is not None:
                 progress.close()
         lora = emb = None
-        if not stopped or self.step >= cfg.max_train_steps:
-            lora, emb = self.save_outputs()
+        per_image: list[dict[str, Any]] = []
+        if not stopped:
+            try:
+                per_image, (lora, emb) = self.save_outputs()
+            except Cancelled:  # nothing final was written; keep the trained state to resume from
+                stopped = True
+                if self.saved_step != self.step:
+                    self.save_checkpoint()
         if self.acc.log_with:
             self.acc.end_training()
-        return TrainResult(lora, emb, run.log_path, self.checkpoints, self.step, stopped, self.history, self.comps, self.token_set)
+        return TrainResult(lora, emb, run.log_path, self.checkpoints, self.step, stopped, self.history, self.comps,
+                           self.token_set, per_image=per_image, warnings=list(getattr(self.data, "warnings", [])))
 
     def _stop_requested(self) -> bool:
-        flag = bool(self.cb.should_stop and self.cb.should_stop())
-        if self.world > 1:
-            vec = self.acc.reduce(torch.tensor([float(flag)], device=self.device), "sum")
-            flag = bool(vec.item() > 0)
-        return flag
+        return self.monitor.stop_requested()
 
     def _log(self, row: dict[str, Any]) -> None:
-        self.history.append(row)
-        if self.is_main:
-            with open(self.run.log_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
-            if self.acc.log_with:
-                self.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        self.monitor.log(row)
 
-    def save_outputs(self) -> tuple[Path | None, Path | None]:
+    def save_outputs(self) -> tuple[list[dict[str, Any]], tuple[Path | None, Path | None]]:
+        """The final files: the LoRA, the embeddings and per_image.json (with the per-image errors it
+        returns). All are staged and renamed in together after the last Cancel check: a Cancel
+        during the save raises `Cancelled` on every process and leaves none of them."""
         cfg, run = self.cfg, self.run
+        self.status("Saving")
+        units = len(self.data.items) + 1  # the images' errors, then the files
+        per_image: list[dict[str, Any]] = []
+        try:
+            per_image = self._per_image(units)
+        except Cancelled:  # seen on this process alone: the collective check below stops every process
+            pass
         meta = {
             "dco.config": cfg.to_json(),
             "dco.step": str(self.step),
@@ -646,46 +664,54 @@ class _Trainer:
             **run.metadata,
         }
         lora_path = emb_path = None
-        if self.is_main:
-            alphas = {c: cfg.alpha for c in ("unet", "text_encoder", "text_encoder_2")}
-            lora_path = save_lora(run.lora_path, self._lora_states(), alphas, meta, dtype=run.save_precision)
-            if self.token_set is not None:
-                emb_path = save_embeddings(run.embeddings_path, self.token_set.to_embeddings(), {"dco.step": str(self.step)})
-        self.acc.wait_for_everyone()
-        return lora_path, emb_path
-
-
-_RESUME_MAY_CHANGE = {
-    "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "validation_prompts", "validation_every",
-    "validation_steps", "validation_cfg", "validation_rg", "validation_seed", "drift_every", "drift_prompts",
-}
-
-
-def _read_log(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+        staged = checkpointing.StagedFiles()
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut by a crash ends the log
-    return rows
+            if self.is_main and not self.monitor.stop_seen_here():
+                alphas = {c: cfg.alpha for c in ("unet", "text_encoder", "text_encoder_2")}
+                save_lora(staged.path(run.lora_path), self._lora_states(), alphas, meta, dtype=run.save_precision)
+                lora_path = run.lora_path
+                if self.token_set is not None and not self.monitor.stop_seen_here():
+                    save_embeddings(staged.path(run.embeddings_path), self.token_set.to_embeddings(),
+                                    {"dco.step": str(self.step)})
+                    emb_path = run.embeddings_path
+                text = json.dumps(per_image, indent=1)
+                atomic_write(staged.path(run.output_dir / PER_IMAGE_NAME), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            self.acc.wait_for_everyone()
+            if self._stop_requested():  # every process: the main one may have seen Cancel alone
+                raise Cancelled()
+            if self.is_main:
+                staged.commit()
+            self.monitor.phase(SAVING, units, units)
+        finally:
+            staged.discard()
+        self.acc.wait_for_everyone()
+        return per_image, (lora_path, emb_path)
 
-
-def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
-    from .formats import atomic_write
-
-    atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"))
 
 
 def train(cfg: TrainConfig, components: SDXLComponents, run: RunOptions, data: TrainData | None = None) -> TrainResult:
     """Train a DCO LoRA (and TI tokens) and write its files. The components are modified in place
-    (the LoRA is injected, tokens are added); pass fresh ones for every run."""
-    trainer = _Trainer(cfg, components, run, data)
+    (the LoRA is injected, tokens are added); pass fresh ones for every run.
+
+    A Cancel (`Callbacks.should_stop`) during a step or a preview stops after that step with a
+    checkpoint; one during the set-up or the final save stops at the next unit of work. Either way
+    the result is `stopped` and no final file is written."""
+    trainer = None
     try:
+        trainer = _Trainer(cfg, components, run, data)
         return trainer.fit()
+    except Cancelled:
+        log.info("Cancelled: no final files written.")
+        if trainer is not None and trainer.acc.log_with:
+            trainer.acc.end_training()
+        step = getattr(trainer, "step", 0) if trainer is not None else 0
+        history = list(trainer.history) if trainer is not None and "monitor" in trainer.__dict__ else []
+        checkpoints = list(getattr(trainer, "checkpoints", [])) if trainer is not None else []
+        data = getattr(trainer, "data", data) if trainer is not None else data
+        return TrainResult(None, None, run.log_path, checkpoints, step, True, history, components,
+                           getattr(trainer, "token_set", None), warnings=list(getattr(data, "warnings", None) or []))
     finally:
         # Callbacks bound to the trainer (the drift meter's) refer back to it; emptying it breaks
         # that cycle, so the optimizer and the model copies are freed now, not at the next gc.
-        trainer.__dict__.clear()
+        if trainer is not None:
+            trainer.__dict__.clear()

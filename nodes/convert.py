@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -217,12 +217,18 @@ def text_encoders_from_clip(clip: Any, device: torch.device, dtype: torch.dtype 
     return encoders[0], encoders[1], tokenizer, tokenizer_2
 
 
-def components_from_graph(model: Any, clip: Any, device: torch.device, dtype: torch.dtype | None = None) -> SDXLComponents:
-    """Engine components (no VAE: the node encodes with the graph's VAE) from a graph's MODEL and CLIP."""
+def components_from_graph(model: Any, clip: Any, device: torch.device, dtype: torch.dtype | None = None,
+                          progress: Callable[[int, int], None] | None = None) -> SDXLComponents:
+    """Engine components (no VAE: the node encodes with the graph's VAE) from a graph's MODEL and CLIP.
+    `progress(done, 2)` runs before and after each of the two conversions (it may raise to cancel)."""
     from diffusers import EulerDiscreteScheduler
 
+    report = progress or (lambda done, total: None)
+    report(0, 2)
     unet = unet_from_model(model, device, dtype)
+    report(1, 2)
     te, te2, tok, tok2 = text_encoders_from_clip(clip, device, dtype)
+    report(2, 2)
     scheduler = EulerDiscreteScheduler(**{**SDXL_SCHEDULER, **sampling_schedule(model)})
     return SDXLComponents(unet=unet, vae=None, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
                           tokenizer_2=tok2, scheduler=scheduler)

@@ -5,8 +5,10 @@ folders and returned ready for sampling.
 The node converts the graph's models into the engine's modules (`convert.py`, no write to the
 shared model), encodes the images once with the graph's VAE, and runs the engine in-process
 outside inference mode. Progress goes to the node's progress bar (with validation previews) and,
-per step, to a `dco.train` websocket event for the live chart. Cancel stops at the next step and
-saves a checkpoint; `resume = latest` continues it exactly.
+per step, to a `dco.train` websocket event for the live chart; the set-up phases are shown too.
+Cancel works in every phase: after a step or a preview it stops with a checkpoint (`resume =
+latest` continues it exactly); during the set-up or the final save it stops at the next unit of
+work. A cancelled run writes no final file.
 """
 
 from __future__ import annotations
@@ -120,8 +122,7 @@ WIDGET_FIELDS = {
 }
 MIXED_PRECISION_OPTIONS = ("auto", "bf16", "fp16", "no")
 PRESET_CHOSEN = {"steps": 0, "rank": 0, "offset_noise": -1.0}
-# TrainConfig's 0 means "never"; the node renders previews only once a validation_prompt is typed
-NODE_DEFAULTS = {"validation_every": 250}
+NODE_DEFAULTS: dict[str, Any] = {}  # none today: the previews' cadence is TrainConfig's (about 2% of a run)
 
 
 def widget_default(widget: str) -> Any:
@@ -238,7 +239,14 @@ def _image_tensor(image: Any) -> torch.Tensor:
 
 
 class _Progress:
-    """Engine callbacks -> ComfyUI progress bar, previews, websocket events and Cancel."""
+    """Engine callbacks -> ComfyUI progress bar, previews, websocket events and Cancel.
+
+    Events (`events.TRAIN`): "start"; "setup" {"phase", "done", "total"} after every unit of work
+    (the labels are `dco_train.monitor.PHASES`), with "warnings" once the dataset is read; "running"
+    per step (StepInfo) and for readings between steps (the drift baseline, a preview's cost
+    {"step", "preview_s", "preview_steps_equiv"}); then "done" {"step", "per_image", "warnings"},
+    "interrupted" or "error". The progress bar shows the fraction of the current phase.
+    """
 
     def __init__(self, node_id: str, total: int):
         import comfy.utils
@@ -247,32 +255,48 @@ class _Progress:
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         self.cancelled = False
         self.last = time.perf_counter()
+        self.step = 0
 
     def event(self, status: str, **data: Any) -> None:
         events.send(events.TRAIN, {"node": self.node_id, "run": self.run, "status": status, "total": self.total, **data})
 
-    def _bar(self, step: int, preview: Any = None) -> None:
+    def _bar(self, value: int, total: int | None = None, preview: Any = None) -> None:
         import comfy.model_management as mm
 
         try:  # ComfyUI's progress hook raises when the user pressed Cancel
-            self.bar.update_absolute(step, self.total, preview)
+            self.bar.update_absolute(value, self.total if total is None else total, preview)
         except mm.InterruptProcessingException:
             self.cancelled = True
+
+    def on_phase(self, label: str, done: int, total: int, **extra: Any) -> None:
+        self.event("setup", phase=label, done=done, total=total, **extra)
+        self._bar(done, max(total, 1))
+        self.last = time.perf_counter()  # set-up time is not a step's
+
+    def unit_done(self, label: str):
+        """A `(done, total)` progress function for the node's own set-up work: reports, then cancels."""
+
+        def report(done: int, total: int) -> None:
+            self.on_phase(label, done, total)
+            if self.should_stop():
+                self.raise_cancel()
+
+        return report
 
     def on_step(self, info: Any) -> None:
         now = time.perf_counter()
         self.event("running", **info.as_dict(), it_s=1.0 / max(now - self.last, 1e-9))
-        self.last = now
+        self.last, self.step = now, info.step
         self._bar(info.step)
 
     def on_metrics(self, values: dict[str, Any]) -> None:
-        """The drift meter's step-0 baseline: a chart point without a loss."""
+        """Readings between steps (the drift baseline, a preview's cost): chart points without a loss."""
         self.event("running", **values)
         self.last = time.perf_counter()
 
     def on_preview(self, step: int, images: list[Any]) -> None:
         if images:
-            self._bar(step, ("JPEG", images[0], 512))
+            self._bar(step, preview=("JPEG", images[0], 512))
 
     def should_stop(self) -> bool:
         import comfy.model_management as mm
@@ -289,11 +313,14 @@ class _Progress:
 
 def train_in_graph(model: Any, clip: Any, vae: Any, cfg: TrainConfig, plan: dict[str, Any], resume: str,
                    node_id: str, spec: Any = None) -> dict[str, Any]:
-    """Run the engine on the graph's models; returns the paths and the history. `spec` (a
-    DatasetSpec) holds images from the graph; without it the data is read from `cfg`'s folder."""
+    """Run the engine on the graph's models; returns the paths, the history, the per-image errors and
+    the dataset's warnings. `spec` (a DatasetSpec) holds images from the graph; without it the data
+    is read from `cfg`'s folder. Cancel is honoured after every unit of work, in every phase; a
+    cancelled run writes no final file and ends in ComfyUI's InterruptProcessingException."""
     import comfy.model_management as mm
 
     from ..dco_train.data import encode_dataset, load_dataset_spec
+    from ..dco_train.monitor import LOADING, PREPARING
     from ..dco_train.train import Callbacks, RunOptions, resolve_mixed_precision, train, weight_dtype
     from .convert import components_from_graph, vae_decoder, vae_encoder
 
@@ -305,8 +332,14 @@ def train_in_graph(model: Any, clip: Any, vae: Any, cfg: TrainConfig, plan: dict
     latent_format = model.model.latent_format
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            comps = components_from_graph(model, clip, device, dtype)
-            data = encode_dataset(vae_encoder(vae, latent_format), spec, cfg)
+            # the images first: a bad image or a Cancel costs no model conversion, and the graph's
+            # VAE is done with before the training copies take memory
+            progress.unit_done(PREPARING)(0, len(spec.samples))
+            data = encode_dataset(vae_encoder(vae, latent_format), spec, cfg, progress=progress.unit_done(PREPARING))
+            warnings = list(getattr(data, "warnings", None) or [])
+            if warnings:
+                progress.on_phase(PREPARING, len(spec.samples), len(spec.samples), warnings=warnings)
+            comps = components_from_graph(model, clip, device, dtype, progress=progress.unit_done(LOADING))
             for path in (plan["run_dir"].parent, plan["lora"].parent, plan["embeddings"] and plan["embeddings"].parent):
                 if path:
                     path.mkdir(parents=True, exist_ok=True)
@@ -315,20 +348,25 @@ def train_in_graph(model: Any, clip: Any, vae: Any, cfg: TrainConfig, plan: dict
                 resume="latest" if resume == "latest" else None, log_with=None, progress_bar=False,
                 cpu=device.type == "cpu", decode_latents=vae_decoder(vae, latent_format),
                 callbacks=Callbacks(on_step=progress.on_step, should_stop=progress.should_stop,
-                                    on_preview=progress.on_preview, on_metrics=progress.on_metrics),
+                                    on_preview=progress.on_preview, on_metrics=progress.on_metrics,
+                                    on_phase=progress.on_phase),
                 metadata={"dco.trained_with": "ComfyUI-DCO DCOTrainer"},
             )
             result = train(cfg, comps, run, data)
+    except mm.InterruptProcessingException:
+        progress.event("interrupted", step=progress.step)
+        raise
     except Exception as exc:
         progress.event("error", message=str(exc))
         raise
     finally:
         mm.soft_empty_cache()
-    if result.stopped and result.lora is None:
+    if result.stopped:
         progress.event("interrupted", step=result.step)
         progress.raise_cancel()
-    progress.event("done", step=result.step)
-    return {"lora": result.lora, "embeddings": result.embeddings, "history": result.history, "step": result.step}
+    progress.event("done", step=result.step, per_image=result.per_image, warnings=result.warnings)
+    return {"lora": result.lora, "embeddings": result.embeddings, "history": result.history, "step": result.step,
+            "per_image": result.per_image, "warnings": result.warnings}
 
 
 class DCOTrainer(io.ComfyNode):
@@ -401,7 +439,8 @@ class DCOTrainer(io.ComfyNode):
                 io.String.Input("validation_prompt", default="", optional=True, multiline=True,
                                 tooltip="Optional prompt (with tokens) rendered with reward guidance as a preview."),
                 io.Int.Input("validation_every", default=widget_default("validation_every"), min=0, max=100000, optional=True,
-                             tooltip="Render the preview every N steps (0 = never)."),
+                             tooltip="Render the preview every N steps (0 = never). A preview costs about 5 "
+                                     "training steps (shown on the monitor): at 250, about 2% of a run."),
                 io.Image.Input("images", optional=True,
                                tooltip="Train on these images instead of dataset_dir (then leave dataset_dir empty): "
                                        "a batch, or a list of images of different sizes (e.g. from Load Image and "
@@ -513,5 +552,6 @@ class DCOTrainer(io.ComfyNode):
         lora_name = _relative(out["lora"], "loras")
         emb_name = _relative(out["embeddings"], "embeddings")
         events.send(events.FILES_CHANGED, {"lora": lora_name, "embeddings": emb_name})
-        curve = _image_tensor(curve_image(out["history"], f"DCO {output_name}: {out['step']} steps"))
+        curve = _image_tensor(curve_image(out["history"], f"DCO {output_name}: {out['step']} steps",
+                                          per_image=out["per_image"], warnings=out["warnings"]))
         return io.NodeOutput(new_model, new_clip, lora_name, emb_name, curve, ui=ui.PreviewImage(curve, cls=cls))

@@ -115,7 +115,8 @@ def test_two_processes(tiny_model_dir, subject_dir, tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     s = summary(proc)
     assert proc.stdout.count('"lora"') == 1  # only the main process reports (and writes)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "embeddings.safetensors", "metrics.jsonl", "pytorch_lora_weights.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "embeddings.safetensors", "metrics.jsonl", "per_image.json",
+                                                    "pytorch_lora_weights.safetensors"]
     assert all(k.startswith("lora_unet_") for k in load_lora(s["lora"]).modules["unet"])
     from dco_train.checkpoint import load_checkpoint
 

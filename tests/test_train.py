@@ -29,11 +29,12 @@ def test_batch_size_two(tiny, subject_dir, tmp_path, ti):
 
 
 def test_plain_loss_baseline_skips_the_reference(tiny, subject_dir, tmp_path):
-    calls = []
+    calls, at_step = [], []
     handle = tiny.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
-    res = _run(tiny, tmp_path, data_dir=str(subject_dir), dco_beta=0.0, max_train_steps=2)
+    res = _run(tiny, tmp_path, data_dir=str(subject_dir), dco_beta=0.0, max_train_steps=2,
+               run=dict(callbacks=Callbacks(on_step=lambda info: at_step.append(len(calls)))))
     handle.remove()
-    assert len(calls) == 2  # one UNet pass per step: no LoRA-off reference pass
+    assert at_step == [1, 2]  # one UNet pass per step: no LoRA-off reference pass (the final per-image score follows)
     assert all("err_ref" not in h and "reward_gap" not in h for h in res.history)
 
 
@@ -91,9 +92,10 @@ def test_buckets_batch_images_of_one_shape(tiny, tmp_path):
     write_images(tmp_path / "tall", ["a tall <obj>", "another tall <obj>"], size=(128, 256))
     for i, p in enumerate(sorted((tmp_path / "tall").iterdir())):
         p.rename(data / f"tall_{p.name}")
-    shapes = []
-    tiny.unet.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape)))
-    res = _run(tiny, tmp_path, data_dir=str(data), buckets=True, resolution=128, train_batch_size=2, max_train_steps=4)
+    shapes, trained = [], []  # the training steps' shapes (the final per-image score batches its timesteps)
+    tiny.unet.register_forward_pre_hook(lambda m, a: None if len(trained) == 4 else shapes.append(tuple(a[0].shape)))
+    res = _run(tiny, tmp_path, data_dir=str(data), buckets=True, resolution=128, train_batch_size=2, max_train_steps=4,
+               run=dict(callbacks=Callbacks(on_step=trained.append)))
     assert len(res.history) == 4
     wide = {s for s in shapes if s[-1] > s[-2]}
     tall = {s for s in shapes if s[-1] < s[-2]}

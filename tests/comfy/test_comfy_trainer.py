@@ -127,26 +127,41 @@ def test_trains_subject_and_style_and_leaves_the_graph_model_alone(folders, capl
     assert _hashes(model, clip) == before
 
 
-def _interrupt_at(step: int):
+def _steps_seen(monkeypatch) -> list[int]:
+    """The training steps the node has reported (its `running` events with a loss), as they come."""
+    steps, send = [], trainer.events.send
+
+    def spy(event, data):
+        if data.get("status") == "running" and "loss" in data:
+            steps.append(data["step"])
+        send(event, data)
+
+    monkeypatch.setattr(trainer.events, "send", spy)
+    return steps
+
+
+def _interrupt_at(step: int, monkeypatch):
     import comfy.model_management as mm
     import comfy.utils
 
+    steps = _steps_seen(monkeypatch)
+
     def hook(value, total, preview, node_id=None):
-        if value >= step:
+        if steps and steps[-1] >= step:
             mm.interrupt_current_processing(True)
         mm.throw_exception_if_processing_interrupted()  # what ComfyUI's own progress hook does
 
     comfy.utils.set_progress_bar_global_hook(hook)
 
 
-def test_cancel_then_resume_equals_an_uninterrupted_run(folders):
+def test_cancel_then_resume_equals_an_uninterrupted_run(folders, monkeypatch):
     import comfy.model_management as mm
     import comfy.utils
 
     model, clip, vae = graph_models()
     data = write_dataset(folders["root"] / "subject", CAPTIONS)
     run_node(model, clip, vae, **node_inputs(data, steps=6, output_name="straight"))
-    _interrupt_at(3)
+    _interrupt_at(3, monkeypatch)
     try:
         with pytest.raises(mm.InterruptProcessingException):
             run_node(model, clip, vae, **node_inputs(data, steps=6, output_name="resumed"))
@@ -166,15 +181,16 @@ def test_cancel_then_resume_equals_an_uninterrupted_run(folders):
     assert torch.equal(ea.clip_l, eb.clip_l) and torch.equal(ea.clip_g, eb.clip_g)
 
 
-def test_exception_inside_the_loop_leaves_the_model_alone(folders):
+def test_exception_inside_the_loop_leaves_the_model_alone(folders, monkeypatch):
     import comfy.utils
 
     model, clip, vae = graph_models()
     before = _hashes(model, clip)
     data = write_dataset(folders["root"] / "subject", CAPTIONS)
+    steps = _steps_seen(monkeypatch)
 
     def boom(value, total, preview, node_id=None):
-        if value >= 2:
+        if steps and steps[-1] >= 2:
             raise RuntimeError("disk on fire")
 
     comfy.utils.set_progress_bar_global_hook(boom)
