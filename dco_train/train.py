@@ -32,7 +32,7 @@ from .config import TrainConfig
 from .data import TrainData, encode_dataset, load_dataset_spec, vae_encoder
 from .drift import DriftMeter
 from .errors import DCOError
-from .formats import save_embeddings, save_lora
+from .formats import save_embeddings, save_lora, subject_metadata
 from .lora import TEXT_TARGETS, UNET_TARGETS, add_lora, load_lora_state_dict, lora_state_dict
 from .loss import diffusion_target, min_snr_weight
 from .models import SDXLComponents
@@ -647,10 +647,11 @@ class _Trainer:
         }
         lora_path = emb_path = None
         if self.is_main:
+            if self.token_set is not None:  # first: the LoRA records its name and hash
+                emb_path = save_embeddings(run.embeddings_path, self.token_set.to_embeddings(), {"dco.step": str(self.step)})
+            meta.update(subject_metadata(emb_path, cfg.validation_cfg, cfg.validation_rg))
             alphas = {c: cfg.alpha for c in ("unet", "text_encoder", "text_encoder_2")}
             lora_path = save_lora(run.lora_path, self._lora_states(), alphas, meta, dtype=run.save_precision)
-            if self.token_set is not None:
-                emb_path = save_embeddings(run.embeddings_path, self.token_set.to_embeddings(), {"dco.step": str(self.step)})
         self.acc.wait_for_everyone()
         return lora_path, emb_path
 
