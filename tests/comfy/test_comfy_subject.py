@@ -210,3 +210,25 @@ def test_fingerprint_changes_when_the_recorded_embeddings_file_changes(folders):
     path = folders["embeddings"] / "dog.safetensors"
     path.write_bytes(path.read_bytes() + b" ")
     assert subject.DCOLoadSubject.fingerprint_inputs(lora_name="dog.safetensors") != before
+
+
+# ------------------------------------------------------------------------------- the page's route
+def test_subject_route_answers_what_the_lora_records(folders):
+    import asyncio
+
+    from aiohttp.test_utils import make_mocked_request
+
+    routes = harness.pack_module("nodes.routes")
+    write_subject(folders)
+    save_file({"x.lora_down.weight": torch.zeros(1, 1)}, str(folders["loras"] / "plain.safetensors"))
+
+    def get(query: str):
+        response = asyncio.run(routes.lora_subject(make_mocked_request("GET", f"{routes.SUBJECT_ROUTE}{query}")))
+        return response.status, json.loads(response.body)
+
+    assert get("?name=dog.safetensors") == (200, {"name": "dog.safetensors", "tokens": ["<dog>"], "words": ["dog"],
+                                                  "embeddings": "dog.safetensors", "cfg": 6.0, "rg": 2.5})
+    assert get("?name=plain.safetensors")[1]["tokens"] == [] and get("?name=plain.safetensors")[1]["cfg"] is None
+    for query, code in (("", 400), ("?name=gone.safetensors", 404), ("?name=../loras/dog.safetensors", 404)):
+        status, body = get(query)
+        assert status == code and body["error"].endswith("."), (query, body)
