@@ -232,3 +232,14 @@ def test_subject_route_answers_what_the_lora_records(folders):
     for query, code in (("", 400), ("?name=gone.safetensors", 404), ("?name=../loras/dog.safetensors", 404)):
         status, body = get(query)
         assert status == code and body["error"].endswith("."), (query, body)
+
+
+def test_schema_is_valid_and_its_ids_distinct_in_this_comfyui(folders):
+    """What registration does (v0.3.64 drops the whole pack on a duplicate input/output id)."""
+    write_subject(folders)
+    schema = subject.DCOLoadSubject.GET_SCHEMA()
+    info = subject.DCOLoadSubject.GET_NODE_INFO_V1()
+    assert info["output"] == ["MODEL", "MODEL", "CLIP", "CLIP", "FLOAT", "FLOAT"]
+    assert "dog.safetensors" in info["input"]["required"]["lora_name"][1]["options"]
+    ids = [i.id for i in schema.inputs] + [o.id for o in schema.outputs]
+    assert len(ids) == len(set(ids))
