@@ -28,6 +28,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..dco_train.errors import DCOError
+from ..dco_train.rg import check_window as check_rg_window
 from ..dco_train.rg import rg_mix
 from .bypass import ALL_ROWS, BypassLoRA, RowLayoutError, extra_patches
 
@@ -255,13 +256,7 @@ def check_guidance(cfg: float | None, rg: float | None) -> None:
 
 def check_window(rg_start: float | None, rg_end: float | None, outside: str | None = OUTSIDE_FT) -> None:
     """rg_start and rg_end are fractions of the schedule, the start not after the end."""
-    for name, value in (("rg_start", rg_start), ("rg_end", rg_end)):
-        if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
-            raise DCOError(f"{name} must be a fraction of the schedule from 0 to 1, not {value!r}; "
-                           "rg_start 0 and rg_end 1 give reward guidance on every step.")
-    if rg_start is not None and rg_end is not None and rg_start > rg_end:
-        raise DCOError(f"rg_start ({rg_start:g}) is after rg_end ({rg_end:g}); reward guidance runs from rg_start to "
-                       "rg_end, so make rg_start the smaller one (0 is the first step, 1 the last).")
+    check_rg_window(rg_start, rg_end)
     if outside is not None and outside not in OUTSIDE_CHOICES:
         raise DCOError(f"outside_window must be one of {', '.join(repr(c) for c in OUTSIDE_CHOICES)}, not {outside!r}.")
 
