@@ -13,6 +13,12 @@ Prints one number per line:
   floor_over_cfg three prompts in one batch without any LoRA (DualCFGGuider) / CFG: the
                  least any reward-guidance guider can cost, for reading rg_over_cfg;
                  rg_over_floor is ours / that floor.
+  window_over_rg a whole run of ours with reward guidance only over `--window` (default the first
+                 half of the schedule, plain CFG of model_ft outside it) / ours on every step, in
+                 process CPU time (with OMP_NUM_THREADS=1 the load of other processes cancels);
+                 window_over_rg_min / _max give the spread over rounds, window_rg_steps how many
+                 of the steps fall inside the window, window_expected the pass-count estimate
+                 (1 - the share of skipped third passes).
 The model is feasibility.md's "mid" SDXL layout (~127 M parameters, real conditioning widths) with
 a rank-32 attention LoRA, so compute dominates rather than Python overhead. The guiders run in
 rounds, back to back; each ratio is the median over rounds of the ratio within a round.
@@ -83,8 +89,8 @@ class Runner:
 
             torch.cuda.synchronize()
 
-    def run(self, guider: Any, probe: Callable[[], None] | None = None) -> tuple[float, float]:
-        """(median step time after the first step, whole run time)."""
+    def run(self, guider: Any, probe: Callable[[], None] | None = None) -> tuple[float, float, float]:
+        """(median step time after the first step, whole run time, whole run process CPU time)."""
         stamps: list[float] = []
 
         def callback(step: int, *args: Any) -> None:
@@ -94,11 +100,11 @@ class Runner:
                 probe()
 
         self.sync()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         guider.sample(self.noise, self.latent, self.sampler, self.sigmas, callback=callback, disable_pbar=True, seed=0)
         self.sync()
-        total = time.perf_counter() - start
-        return statistics.median(b - a for a, b in zip(stamps, stamps[1:])), total
+        total, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return statistics.median(b - a for a, b in zip(stamps, stamps[1:])), total, cpu
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--fp16", action="store_true", help="store and compute the UNet in fp16 (GPU)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    parser.add_argument("--window", type=float, nargs=2, default=(0.0, 0.5), metavar=("START", "END"),
+                        help="rg_start rg_end of the windowed guider (fractions of the schedule)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
@@ -150,6 +158,11 @@ def main(argv: list[str] | None = None) -> None:
         g.set_cfg(7.5, 3.0)
         return g
 
+    def window() -> Any:
+        g = ours()
+        g.set_window(*args.window, guider_mod.OUTSIDE_FT)
+        return g
+
     def cfg() -> Any:
         g = comfy.samplers.CFGGuider(model)
         g.set_conds(token, neg)
@@ -168,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         g.set_cfg(3.0, 7.5)
         return g
 
-    guiders = (("cfg", cfg), ("ours", ours), ("hooks", hooks), ("floor", floor))
+    guiders = (("cfg", cfg), ("ours", ours), ("window", window), ("hooks", hooks), ("floor", floor))
 
     mem: dict[str, float] = {}
 
@@ -205,9 +218,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"lora_mb {lora_mb:.1f}")
     print(f"floor_over_cfg {ratio('floor', 'cfg', 0):.3f}")
     print(f"rg_over_floor {ratio('ours', 'floor', 0):.3f}")
+    per_round = [r["window"][2] / r["ours"][2] for r in rounds]
+    high, low = guider_mod.sigma_window(model.get_model_object("model_sampling"), *args.window)
+    inside = sum(1 for s in runner.sigmas[:-1].tolist() if low <= s <= high)
+    print(f"window_over_rg {statistics.median(per_round):.3f}")
+    print(f"window_over_rg_min {min(per_round):.3f}")
+    print(f"window_over_rg_max {max(per_round):.3f}")
+    print(f"window_rg_steps {inside}")
+    print(f"window_expected {(3 * inside + 2 * (args.steps - inside)) / (3 * args.steps):.3f}")
     print(f"# device {device}, layout {args.layout}, latent {args.batch}x4x{args.size}x{args.size}, rank {args.rank}, "
           f"{args.steps} euler steps, {args.repeats} rounds, {torch.get_num_threads()} threads; median step ms: "
-          f"cfg {ms('cfg'):.0f}, ours {ms('ours'):.0f}, dualcfg+hooks {ms('hooks'):.0f}, floor {ms('floor'):.0f}")
+          f"cfg {ms('cfg'):.0f}, ours {ms('ours'):.0f}, window {args.window[0]:g}-{args.window[1]:g} "
+          f"{ms('window'):.0f}, dualcfg+hooks {ms('hooks'):.0f}, floor {ms('floor'):.0f}")
 
 
 if __name__ == "__main__":

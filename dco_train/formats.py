@@ -11,6 +11,7 @@ ComfyUI's stock LoraLoader maps all of them for SDXL and diffusers' `load_lora_w
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -27,6 +28,11 @@ LORA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_
 EMBED_KEYS = ("clip_l", "clip_g")
 META_TOKENS = "dco.tokens"
 META_INITIALIZERS = "dco.initializers"
+# What a LoRA file records for DCO Load Subject (besides META_TOKENS / META_INITIALIZERS)
+META_EMBEDDINGS = "dco.embeddings"  # the matching embeddings file's name
+META_EMBEDDINGS_SHA256 = "dco.embeddings_sha256"  # sha256 of that file's bytes
+META_CFG = "dco.cfg"  # recommended CFG scale
+META_RG = "dco.rg"  # recommended reward-guidance scale
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -376,4 +382,96 @@ def load_embeddings(path: str | os.PathLike, tokens: list[str] | None = None) ->
         )
     return TokenEmbeddings(
         tokens=chosen, clip_l=tensors["clip_l"], clip_g=tensors["clip_g"], initializers=initializers
+    )
+
+
+# ------------------------------------------------------------------------------- subject metadata
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A safetensors file's metadata, read from its header only (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DCOError(f"The file {path} does not exist.")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise DCOError(f"Cannot read {path}: it is not a valid safetensors file ({exc}).") from exc
+
+
+def subject_metadata(embeddings: str | os.PathLike | None, cfg: float, rg: float) -> dict[str, str]:
+    """The LoRA-file metadata that lets one loader find everything of a trained subject: the
+    embeddings file written with it (name and sha256 of its bytes; absent for a run without
+    tokens) and the recommended guidance scales. The tokens and their words are META_TOKENS /
+    META_INITIALIZERS, which training writes as well."""
+    meta = {META_CFG: repr(float(cfg)), META_RG: repr(float(rg))}
+    if embeddings is not None:
+        meta[META_EMBEDDINGS] = Path(embeddings).name
+        meta[META_EMBEDDINGS_SHA256] = file_sha256(embeddings)
+    return meta
+
+
+@dataclass
+class SubjectInfo:
+    """What a LoRA file says about its subject; every field is empty when the file says nothing."""
+
+    tokens: list[str] = field(default_factory=list)
+    words: list[str] = field(default_factory=list)
+    embeddings: str | None = None
+    embeddings_sha256: str | None = None
+    cfg: float | None = None
+    rg: float | None = None
+
+    @property
+    def word_map(self) -> dict[str, str]:
+        return dict(zip(self.tokens, self.words))
+
+
+def _json_list(meta: Mapping[str, str], key: str, name: str) -> list[str]:
+    if key not in meta:
+        return []
+    try:
+        value = json.loads(meta[key])
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise DCOError(f"{name}: its {key} metadata is not a list of strings ({meta[key][:80]!r}); the file is damaged. "
+                       "Type the tokens in instead.")
+    return value
+
+
+def _scale(meta: Mapping[str, str], key: str, config_key: str) -> float | None:
+    """A recommended scale: its own key, or (files from before it was recorded) the preview
+    setting in the stored training config."""
+    try:
+        if key in meta:
+            return float(meta[key])
+        config = json.loads(meta.get("dco.config", "{}"))
+        return float(config[config_key]) if isinstance(config, dict) and config_key in config else None
+    except (TypeError, ValueError):
+        return None
+
+
+def read_subject_metadata(meta: Mapping[str, str], name: str = "the LoRA") -> SubjectInfo:
+    """The subject a LoRA's metadata describes (see `subject_metadata`). Files written before it
+    existed give their tokens and scales but no embeddings file; others (reference files, other
+    trainers' LoRAs) give an empty SubjectInfo."""
+    tokens = _json_list(meta, META_TOKENS, name)
+    words = _json_list(meta, META_INITIALIZERS, name)
+    return SubjectInfo(
+        tokens=tokens,
+        words=(words + [""] * len(tokens))[: len(tokens)],
+        embeddings=meta.get(META_EMBEDDINGS) or None,
+        embeddings_sha256=meta.get(META_EMBEDDINGS_SHA256) or None,
+        cfg=_scale(meta, META_CFG, "validation_cfg"),
+        rg=_scale(meta, META_RG, "validation_rg"),
     )

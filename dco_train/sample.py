@@ -26,13 +26,16 @@ from .errors import DCOError
 from .formats import LORA_PREFIXES, check_lora_shapes, load_embeddings, load_lora
 from .lora import lora_disabled, refresh_layers
 from .models import SDXLComponents
-from .rg import cfg_mix, rg_mix
+from .rg import cfg_mix, check_window, is_full_window, rg_mix, window_timesteps
 from .schedulers import SCHEDULERS
 from .text import PromptEmbeds, encode_prompts, replace_tokens
 from .ti import TokenSet, install_embeddings
 
 log = logging.getLogger(__name__)
 
+
+
+OUTSIDE = ("ft", "base")  # what runs outside the rg_start..rg_end window
 
 
 @dataclass
@@ -48,8 +51,14 @@ class SampleSettings:
     width: int = 1024
     height: int = 1024
     num_images: int = 1
+    rg_start: float = 0.0  # reward guidance from this fraction of the schedule ...
+    rg_end: float = 1.0  # ... to this one
+    outside: str = "ft"  # outside it plain CFG: "ft" (fine-tuned, token prompt) or "base" (base, base prompt)
 
     def __post_init__(self) -> None:
+        check_window(self.rg_start, self.rg_end)
+        if self.outside not in OUTSIDE:
+            raise DCOError(f"outside must be one of {', '.join(OUTSIDE)}, not {self.outside!r}.")
         if self.width % 8 or self.height % 8 or self.width < 8 or self.height < 8:
             raise DCOError(f"width and height must be positive multiples of 8, not {self.width}x{self.height}.")
         if self.steps < 1 or self.num_images < 1:
@@ -172,7 +181,9 @@ class RGDenoiser:
 
     Prompts are encoded once. With rg != 0 it makes two UNet calls per step: the negative and base
     prompts batched with the LoRA off, then the token prompt with it on. rg = 0 is one call (the
-    negative and token prompts batched, LoRA on): plain CFG with the fine-tuned model.
+    negative and token prompts batched, LoRA on): plain CFG with the fine-tuned model. Outside the
+    rg_start..rg_end window a step is plain CFG too, of the fine-tuned model on the token prompt
+    or of the base model on the base prompt (`outside`): one call, no token pass.
     """
 
     def __init__(self, comps: SDXLComponents, s: SampleSettings, word_map: dict[str, str] | None = None,
@@ -183,12 +194,14 @@ class RGDenoiser:
         self.base_prompt = s.base_prompt if s.base_prompt is not None else replace_tokens(s.prompt, word_map or {})
         n = s.num_images
         self.use_neg = s.cfg != 1.0  # at cfg 1 the negative's weight (1 - cfg) is 0
+        partial = not is_full_window(s.rg_start, s.rg_end)
+        self.window = window_timesteps(s.rg_start, s.rg_end, getattr(comps.scheduler.config, "num_train_timesteps", 1000))
         with autocast():
             self.token = _encode(comps, [s.prompt] * n, lora_on=True)
-            if s.rg == 0:
+            if s.rg == 0 or (partial and s.outside == "ft"):
                 neg = _encode(comps, [s.negative_prompt] * n, lora_on=True) if self.use_neg else None
                 self.conds = PromptEmbeds.cat([neg, self.token]) if neg is not None else self.token
-            else:
+            if s.rg != 0 or (partial and s.outside == "base"):
                 base = _encode(comps, [self.base_prompt] * n, lora_on=False)
                 neg = _encode(comps, [s.negative_prompt] * n, lora_on=False) if self.use_neg else None
                 self.ref = PromptEmbeds.cat([neg, base]) if neg is not None else base
@@ -205,11 +218,15 @@ class RGDenoiser:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         n, s = x.shape[0], self.s
-        if s.rg == 0:
+        high, low = self.window
+        outside = not low <= float(t) <= high
+        if (s.outside == "ft") if outside else s.rg == 0:  # plain CFG of the fine-tuned model
             out = self.unet_call(x, t, self.conds)
             return cfg_mix(out[:n], out[n:], s.cfg) if self.use_neg else out
         with lora_disabled(self.unet):
             r = self.unet_call(x, t, self.ref)
+        if outside:  # "base": plain CFG of the base model on the base prompt
+            return cfg_mix(r[:n], r[n:], s.cfg) if self.use_neg else r
         e_base = r[n:] if self.use_neg else r
         e_neg = r[:n] if self.use_neg else e_base
         e_tok = self.unet_call(x, t, self.token)

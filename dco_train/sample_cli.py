@@ -69,6 +69,14 @@ def add_sample_flags(p: argparse.ArgumentParser) -> None:
         default=3.0,
         help=helptext("Reward-guidance scale; 0 is plain CFG with the fine-tuned model.", 3.0),
     )
+    p.add_argument("--rg_start", type=float, default=0.0,
+                   help=helptext("Reward guidance from this fraction of the schedule (0 = the first step).", 0.0))
+    p.add_argument("--rg_end", type=float, default=1.0,
+                   help=helptext("Reward guidance up to this fraction of the schedule (1 = the last step); "
+                                 "steps outside the window skip the token pass.", 1.0))
+    p.add_argument("--outside_window", choices=("ft", "base"), default="ft",
+                   help=helptext("Plain CFG outside the window: ft (the fine-tuned model on the prompt) or base "
+                                 "(the base model on the base prompt).", "ft"))
     p.add_argument("--steps", type=int, default=30, help=helptext("Sampling steps.", 30))
     p.add_argument(
         "--scheduler",
@@ -125,6 +133,9 @@ def _check_sample_args(args: argparse.Namespace):
         width=args.width,
         height=args.height,
         num_images=args.num_images,
+        rg_start=args.rg_start,
+        rg_end=args.rg_end,
+        outside=args.outside_window,
     )
     check_scheduler_name(args.scheduler)
     check_model_source(args.pretrained_model_name_or_path)

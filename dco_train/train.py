@@ -33,7 +33,7 @@ from .config import TrainConfig
 from .data import TrainData, encode_dataset, load_dataset_spec, vae_encoder
 from .drift import DriftMeter
 from .errors import DCOError
-from .formats import atomic_write, save_embeddings, save_lora
+from .formats import META_EMBEDDINGS, atomic_write, save_embeddings, save_lora, subject_metadata
 from .lora import TEXT_TARGETS, UNET_TARGETS, add_lora
 from .loss import diffusion_target, min_snr_weight
 from .models import SDXLComponents
@@ -667,13 +667,18 @@ class _Trainer:
         staged = checkpointing.StagedFiles()
         try:
             if self.is_main and not self.monitor.stop_seen_here():
-                alphas = {c: cfg.alpha for c in ("unet", "text_encoder", "text_encoder_2")}
-                save_lora(staged.path(run.lora_path), self._lora_states(), alphas, meta, dtype=run.save_precision)
-                lora_path = run.lora_path
-                if self.token_set is not None and not self.monitor.stop_seen_here():
-                    save_embeddings(staged.path(run.embeddings_path), self.token_set.to_embeddings(),
-                                    {"dco.step": str(self.step)})
+                staged_emb = None
+                if self.token_set is not None:  # first: the LoRA records the embeddings file's name and hash
+                    staged_emb = save_embeddings(staged.path(run.embeddings_path), self.token_set.to_embeddings(),
+                                                 {"dco.step": str(self.step)})
                     emb_path = run.embeddings_path
+                meta.update(subject_metadata(staged_emb, cfg.validation_cfg, cfg.validation_rg))
+                if staged_emb is not None:
+                    meta[META_EMBEDDINGS] = run.embeddings_path.name  # the staged file's bytes, the final name
+                if not self.monitor.stop_seen_here():
+                    alphas = {c: cfg.alpha for c in ("unet", "text_encoder", "text_encoder_2")}
+                    save_lora(staged.path(run.lora_path), self._lora_states(), alphas, meta, dtype=run.save_precision)
+                    lora_path = run.lora_path
                 text = json.dumps(per_image, indent=1)
                 atomic_write(staged.path(run.output_dir / PER_IMAGE_NAME), lambda tmp: tmp.write_text(text, encoding="utf-8"))
             self.acc.wait_for_everyone()

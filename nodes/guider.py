@@ -9,6 +9,11 @@ weights sum to one. When the model carries CFG patches (a `sampler_cfg_function`
 functions, e.g. RescaleCFG) the CFG part goes through ComfyUI's `cfg_function` instead, exactly as
 the stock DualCFGGuider does, and the RG term is added to its result. ε_θ is the base model plus `model_ft`'s extra LoRA patches applied by forward
 hooks (`bypass.py`), switched on only for the token prompt's rows of one batched forward.
+
+Reward guidance may cover only part of the schedule (`rg_start`..`rg_end`, fractions of it turned
+into sigmas by the model's `percent_to_sigma`, as ComfyUI's ConditioningSetTimestepRange does).
+Outside that window a step is plain CFG, on the base model with the base prompt or on the
+fine-tuned model with the token prompt, and the third pass is not run.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..dco_train.errors import DCOError
+from ..dco_train.rg import check_window as check_rg_window
 from ..dco_train.rg import rg_mix
 from .bypass import ALL_ROWS, BypassLoRA, RowLayoutError, extra_patches
 
@@ -31,6 +37,10 @@ log = logging.getLogger(__name__)
 TOKEN_KEY = "dco_token"
 TOKEN_INDEX = 2  # position of the token prompt in calc_cond_batch's list (as DualCFG's cond1)
 WRAPPER_KEY = "dco_reward_guidance"
+# What a step outside the rg_start..rg_end window runs (the node's outside_window choices, in order)
+OUTSIDE_FT = "fine-tuned model, CFG on token prompt"
+OUTSIDE_BASE = "base model, CFG on base prompt"
+OUTSIDE_CHOICES = (OUTSIDE_FT, OUTSIDE_BASE)
 
 
 class RewardGuidanceGuider(comfy.samplers.CFGGuider):
@@ -51,8 +61,10 @@ class RewardGuidanceGuider(comfy.samplers.CFGGuider):
         self.cfg = 7.5
         self.rg = 3.0
         self.one_batch = one_batch
+        self.rg_start, self.rg_end, self.outside = 0.0, 1.0, OUTSIDE_FT
         self._bypass: BypassLoRA | None = None
         self._run_one_batch = one_batch
+        self._sigma_window = (math.inf, 0.0)  # (high, low): where reward guidance runs
 
     def set_conds(self, positive_token: list, positive_base: list, negative: list) -> None:
         self.inner_set_conds({"positive": positive_base, "negative": negative, TOKEN_KEY: positive_token})
@@ -60,6 +72,12 @@ class RewardGuidanceGuider(comfy.samplers.CFGGuider):
     def set_cfg(self, cfg: float, rg: float = 3.0) -> None:
         self.cfg = float(cfg)
         self.rg = float(rg)
+
+    def set_window(self, rg_start: float = 0.0, rg_end: float = 1.0, outside: str = OUTSIDE_FT) -> None:
+        """Reward guidance from `rg_start` to `rg_end` (fractions of the schedule); `outside` says
+        what the other steps run (one of OUTSIDE_CHOICES)."""
+        check_window(rg_start, rg_end, outside)
+        self.rg_start, self.rg_end, self.outside = float(rg_start), float(rg_end), outside
 
     # ------------------------------------------------------------------ sampling
     def sample(self, *args: Any, **kwargs: Any) -> Any:
@@ -73,6 +91,7 @@ class RewardGuidanceGuider(comfy.samplers.CFGGuider):
         )
         self._bypass = bypass
         self._run_one_batch = self.one_batch
+        self._sigma_window = sigma_window(self.model_patcher.get_model_object("model_sampling"), self.rg_start, self.rg_end)
         try:
             bypass.install()
             return super().sample(*args, **kwargs)
@@ -111,10 +130,14 @@ class RewardGuidanceGuider(comfy.samplers.CFGGuider):
         token = self.conds.get(TOKEN_KEY)
         model = self.inner_model
 
-        if self.rg == 0.0:  # plain CFG of the fine-tuned model on the token prompt, no third pass
-            with _request(bypass, ALL_ROWS):
-                return comfy.samplers.sampling_function(model, x, timestep, negative, token, self.cfg,
+        high, low = self._sigma_window
+        if not low <= float(timestep[0]) <= high:  # the test ComfyUI's timestep ranges make
+            if self.outside == OUTSIDE_BASE:
+                return comfy.samplers.sampling_function(model, x, timestep, negative, base, self.cfg,
                                                         model_options=model_options, seed=seed)
+            return self._plain_cfg_ft(bypass, x, timestep, negative, token, model_options, seed)
+        if self.rg == 0.0:  # plain CFG of the fine-tuned model on the token prompt, no third pass
+            return self._plain_cfg_ft(bypass, x, timestep, negative, token, model_options, seed)
 
         uncond = negative
         if not model_options.get("disable_cfg1_optimization", False) and math.isclose(self.cfg, 1.0):
@@ -140,6 +163,21 @@ class RewardGuidanceGuider(comfy.samplers.CFGGuider):
                                                  model_options=model_options, cond=base, uncond=uncond)
             return guided + (out[2] - out[1]) * self.rg
         return rg_mix(out[0], out[1], out[2], self.cfg, self.rg)
+
+    def _plain_cfg_ft(self, bypass: BypassLoRA, x: Any, timestep: Any, negative: Any, token: Any,
+                      model_options: dict, seed: Any) -> Any:
+        """CFG of the fine-tuned model on the token prompt (what rg = 0 means): the LoRA on every row."""
+        with _request(bypass, ALL_ROWS):
+            return comfy.samplers.sampling_function(self.inner_model, x, timestep, negative, token, self.cfg,
+                                                    model_options=model_options, seed=seed)
+
+
+def sigma_window(sampling: Any, rg_start: float, rg_end: float) -> tuple[float, float]:
+    """(high, low) sigma of the window: a step whose sigma lies in it gets reward guidance. The
+    full schedule (0 to 1) is unbounded, so it holds every step whatever the model's sampling."""
+    high = math.inf if rg_start <= 0.0 else float(sampling.percent_to_sigma(rg_start))
+    low = -math.inf if rg_end >= 1.0 else float(sampling.percent_to_sigma(rg_end))
+    return high, low
 
 
 class _request:
@@ -183,6 +221,25 @@ def _guidance_inputs() -> list:
     ]
 
 
+_RG_START_TIP = ("Where reward guidance starts, as a fraction of the schedule (0 = the first, noisiest step), like "
+                 "ConditioningSetTimestepRange. 0 and rg_end 1 = every step.")
+_RG_END_TIP = ("Where reward guidance ends, as a fraction of the schedule (1 = the last step). Steps outside "
+               "rg_start..rg_end skip the third model pass, so a window is also faster.")
+_OUTSIDE_TIP = ("What the steps outside rg_start..rg_end run: plain CFG of the fine-tuned model (model_ft) on the "
+                "token prompt, or of the base model on the base prompt.")
+
+
+def _window_inputs() -> list:
+    """Appended after every other input, so workflows saved before them keep their widget values."""
+    return [
+        io.Float.Input("rg_start", default=0.0, min=0.0, max=1.0, step=0.01, optional=True, tooltip=_RG_START_TIP),
+        io.Float.Input("rg_end", default=1.0, min=0.0, max=1.0, step=0.01, optional=True, tooltip=_RG_END_TIP),
+        io.Combo.Input("outside_window", options=["fine-tuned model, CFG on token prompt",
+                                                  "base model, CFG on base prompt"],
+                       default="fine-tuned model, CFG on token prompt", optional=True, tooltip=_OUTSIDE_TIP),
+    ]
+
+
 GUIDANCE_MAX = 100.0
 
 
@@ -197,17 +254,28 @@ def check_guidance(cfg: float | None, rg: float | None) -> None:
                            f"{'7.5' if name == 'cfg' else '3.0'} is the DCO paper's value.")
 
 
-def validate_guidance(cfg: float | None, rg: float | None) -> bool | str:
+def check_window(rg_start: float | None, rg_end: float | None, outside: str | None = OUTSIDE_FT) -> None:
+    """rg_start and rg_end are fractions of the schedule, the start not after the end."""
+    check_rg_window(rg_start, rg_end)
+    if outside is not None and outside not in OUTSIDE_CHOICES:
+        raise DCOError(f"outside_window must be one of {', '.join(repr(c) for c in OUTSIDE_CHOICES)}, not {outside!r}.")
+
+
+def validate_guidance(cfg: float | None, rg: float | None, rg_start: float | None = None,
+                      rg_end: float | None = None) -> bool | str:
     try:
         check_guidance(cfg, rg)
+        check_window(rg_start, rg_end, None)
     except DCOError as exc:
         return str(exc)
     return True
 
 
 def make_guider(model: Any, model_ft: Any, positive_token: list, positive_base: list, negative: list,
-                cfg: float, rg: float) -> RewardGuidanceGuider:
+                cfg: float, rg: float, rg_start: float = 0.0, rg_end: float = 1.0,
+                outside_window: str = OUTSIDE_FT) -> RewardGuidanceGuider:
     check_guidance(cfg, rg)
+    check_window(rg_start, rg_end, outside_window)
     guider = RewardGuidanceGuider(model, model_ft)
     if not guider.extra and rg != 0:
         # a node error, where the user looks: ComfyUI's V3 API has no warning the page shows
@@ -218,6 +286,7 @@ def make_guider(model: Any, model_ft: Any, positive_token: list, positive_base: 
         )
     guider.set_conds(positive_token, positive_base, negative)
     guider.set_cfg(cfg, rg)
+    guider.set_window(rg_start, rg_end, outside_window)
     return guider
 
 
@@ -231,18 +300,21 @@ class DCORewardGuidanceGuider(io.ComfyNode):
             description=("Reward guidance (DCO): CFG of the base model on the base prompt plus rg times the difference "
                          "between the fine-tuned model on the token prompt and the base model on the base prompt. "
                          "Plug the GUIDER into SamplerCustomAdvanced; every sampler and scheduler works."),
-            inputs=_common_inputs() + _guidance_inputs(),
+            inputs=_common_inputs() + _guidance_inputs() + _window_inputs(),
             outputs=[io.Guider.Output("guider", display_name="GUIDER", tooltip="A guider for SamplerCustomAdvanced.")],
         )
 
     @classmethod
-    def validate_inputs(cls, cfg: float | None = None, rg: float | None = None) -> bool | str:
-        return validate_guidance(cfg, rg)
+    def validate_inputs(cls, cfg: float | None = None, rg: float | None = None, rg_start: float | None = None,
+                        rg_end: float | None = None) -> bool | str:
+        return validate_guidance(cfg, rg, rg_start, rg_end)
 
     @classmethod
     def execute(cls, model: Any, model_ft: Any, positive_token: list, positive_base: list, negative: list,
-                cfg: float, rg: float) -> io.NodeOutput:
-        return io.NodeOutput(make_guider(model, model_ft, positive_token, positive_base, negative, cfg, rg))
+                cfg: float, rg: float, rg_start: float = 0.0, rg_end: float = 1.0,
+                outside_window: str = OUTSIDE_FT) -> io.NodeOutput:
+        return io.NodeOutput(make_guider(model, model_ft, positive_token, positive_base, negative, cfg, rg,
+                                         rg_start, rg_end, outside_window))
 
 
 class DCORewardGuidanceSampler(io.ComfyNode):
@@ -265,24 +337,28 @@ class DCORewardGuidanceSampler(io.ComfyNode):
                                tooltip="How the noise levels are spaced over the steps."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="How much of the latent is replaced by noise; below 1 for image-to-image."),
+                *_window_inputs(),
             ],
             outputs=[io.Latent.Output("latent", display_name="LATENT", tooltip="The denoised latent.")],
         )
 
     @classmethod
-    def validate_inputs(cls, cfg: float | None = None, rg: float | None = None) -> bool | str:
-        return validate_guidance(cfg, rg)
+    def validate_inputs(cls, cfg: float | None = None, rg: float | None = None, rg_start: float | None = None,
+                        rg_end: float | None = None) -> bool | str:
+        return validate_guidance(cfg, rg, rg_start, rg_end)
 
     @classmethod
     def execute(cls, model: Any, model_ft: Any, positive_token: list, positive_base: list, negative: list,
                 latent_image: dict, seed: int, steps: int, cfg: float, rg: float, sampler_name: str,
-                scheduler: str, denoise: float) -> io.NodeOutput:
+                scheduler: str, denoise: float, rg_start: float = 0.0, rg_end: float = 1.0,
+                outside_window: str = OUTSIDE_FT) -> io.NodeOutput:
         import comfy.model_management
         import comfy.sample
         import comfy.utils
         import latent_preview
 
-        guider = make_guider(model, model_ft, positive_token, positive_base, negative, cfg, rg)
+        guider = make_guider(model, model_ft, positive_token, positive_base, negative, cfg, rg,
+                             rg_start, rg_end, outside_window)
         samples = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
         sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,

@@ -7,6 +7,10 @@ order), and how many rows each encoder has. DCO Prompt Pair's
 helper in the page uses them to show the base prompt while the user types. Only the metadata is
 read, never the tensors, and only files ComfyUI lists in its embeddings folders are answered.
 
+`GET /dco/subject?name=<LoRA file>` answers `{"name", "tokens", "words", "embeddings", "cfg", "rg"}`:
+what a LoRA's metadata tells DCO Load Subject (dco_train.formats.read_subject_metadata; empty lists
+and nulls for a file that records nothing), so the page can follow a token CLIP back to its LoRA.
+
 Routes are registered only when ComfyUI's `PromptServer.instance` exists (never at plain import,
 so the pack still imports without a server).
 """
@@ -22,6 +26,7 @@ from ..dco_train.formats import EMBED_KEYS, META_INITIALIZERS, META_TOKENS
 log = logging.getLogger(__name__)
 
 EMBEDDINGS_ROUTE = "/dco/embeddings"  # web/dco_shared.js EMBEDDINGS_ROUTE
+SUBJECT_ROUTE = "/dco/subject"  # web/dco_shared.js SUBJECT_ROUTE
 _registered: list[Any] = []
 
 
@@ -66,6 +71,31 @@ async def embeddings_info(request: Any) -> Any:
     return web.json_response({"name": name, **info})
 
 
+def subject_info(path: str, name: str) -> dict[str, Any]:
+    """A LoRA file's subject metadata, from its header only."""
+    from ..dco_train.formats import read_metadata, read_subject_metadata
+
+    info = read_subject_metadata(read_metadata(path), name)
+    return {"tokens": info.tokens, "words": info.words, "embeddings": info.embeddings, "cfg": info.cfg, "rg": info.rg}
+
+
+async def lora_subject(request: Any) -> Any:
+    from aiohttp import web
+
+    import folder_paths
+
+    name = request.query.get("name", "")
+    if not name:
+        return web.json_response({"error": "Give the LoRA file as ?name=<file>."}, status=400)
+    if name not in folder_paths.get_filename_list("loras"):
+        return web.json_response({"error": f"The LoRA {name!r} is not in ComfyUI's loras folder(s)."}, status=404)
+    try:
+        info = subject_info(folder_paths.get_full_path("loras", name), name)
+    except Exception as exc:  # noqa: BLE001 - a broken file is the user's to fix; say which
+        return web.json_response({"error": f"Cannot read the metadata of {name}: {exc}".rstrip(".") + "."}, status=422)
+    return web.json_response({"name": name, **info})
+
+
 def register() -> bool:
     """Add the routes to ComfyUI's server; False (and nothing done) without a running server."""
     if _registered:
@@ -78,6 +108,7 @@ def register() -> bool:
     if server is None:
         return False
     server.routes.get(EMBEDDINGS_ROUTE)(embeddings_info)
+    server.routes.get(SUBJECT_ROUTE)(lora_subject)
     _registered.append(server)
-    log.debug("ComfyUI-DCO: registered %s", EMBEDDINGS_ROUTE)
+    log.debug("ComfyUI-DCO: registered %s and %s", EMBEDDINGS_ROUTE, SUBJECT_ROUTE)
     return True

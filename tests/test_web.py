@@ -56,8 +56,9 @@ def test_event_names_node_ids_and_route_agree_with_python():
     assert js["TRAIN_EVENT"] == events["TRAIN"] == "dco.train"
     assert js["FILES_CHANGED_EVENT"] == events["FILES_CHANGED"] == "dco.files_changed"
     assert js["EMBEDDINGS_ROUTE"] == routes["EMBEDDINGS_ROUTE"]
+    assert js["SUBJECT_ROUTE"] == routes["SUBJECT_ROUTE"]
     ids = set(node_schemas.load())
-    for name in ("TRAINER_NODE", "LOAD_EMBEDDINGS_NODE", "PROMPT_PAIR_NODE"):
+    for name in ("TRAINER_NODE", "LOAD_EMBEDDINGS_NODE", "PROMPT_PAIR_NODE", "LOAD_SUBJECT_NODE"):
         assert js[name] in ids, f"web/dco_shared.js {name} = {js[name]!r} is not a node id of the pack"
 
 

@@ -17,7 +17,7 @@ import pytest
 import node_schemas
 from workflow_rules import (ROOT, WORKFLOW_DIR, check_workflow, load_workflow, stock_schemas, workflow_files)
 
-NAMES = ["dco_subject_rg", "dco_subject_style_merge", "dco_train_style", "dco_train_subject"]
+NAMES = ["dco_load_subject", "dco_subject_rg", "dco_subject_style_merge", "dco_train_style", "dco_train_subject"]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
@@ -39,7 +39,7 @@ def _nodes(wf: dict, typ: str) -> list[dict]:
     return [n for n in wf["nodes"] if n["type"] == typ]
 
 
-def test_the_four_workflows_ship_with_a_jpeg_thumbnail_each():
+def test_every_workflow_ships_with_a_jpeg_thumbnail():
     assert [p.stem for p in workflow_files()] == NAMES
     for name in NAMES:
         thumb = WORKFLOW_DIR / f"{name}.jpg"
@@ -87,6 +87,19 @@ def test_subject_rg_loads_lora_and_tokens_and_samples_with_the_guider():
         assert len(_nodes(wf, typ)) == 1, f"dco_subject_rg needs one {typ}"
 
 
+def test_load_subject_feeds_both_models_both_clips_and_its_scales_to_the_guider():
+    wf = _wf("dco_load_subject")
+    (loader,) = _nodes(wf, "DCOLoadSubject")
+    (guider,) = _nodes(wf, "DCORewardGuidanceGuider")
+    (pair,) = _nodes(wf, "DCOPromptPair")
+    assert not _nodes(wf, "LoraLoader") and not _nodes(wf, "DCOLoadTokenEmbeddings"), "one pick replaces the chain"
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    fed = {(link[2], link[3], by_id[link[3]]["inputs"][link[4]]["name"]) for link in wf["links"] if link[1] == loader["id"]}
+    assert {(0, guider["id"], "model"), (1, guider["id"], "model_ft"), (4, guider["id"], "cfg"),
+            (5, guider["id"], "rg")} <= fed
+    assert {(2, pair["id"], "token_clip"), (3, pair["id"], "base_clip")} <= fed
+
+
 def test_merge_chains_two_stock_lora_loaders_into_rg_sampling():
     wf = _wf("dco_subject_style_merge")
     first, second = _nodes(wf, "LoraLoader")
@@ -118,7 +131,7 @@ def test_the_checker_catches_broken_workflows(break_it, expected, schemas):
 def test_static_schema_parse_reads_every_registered_node():
     schemas = node_schemas.load()
     assert set(schemas) == {"DCOTrainer", "DCOLoadTokenEmbeddings", "DCOPromptPair", "DCORewardGuidanceGuider",
-                            "DCORewardGuidanceSampler"}
+                            "DCORewardGuidanceSampler", "DCOLoadSubject"}
     for schema in schemas.values():
         assert schema.inputs and schema.outputs and schema.category.startswith("DCO/")
         missing = [s.name for s in schema.inputs + schema.outputs if not s.tooltip]

@@ -8,9 +8,12 @@ export const FILES_CHANGED_EVENT = "dco.files_changed"; // nodes/events.py FILES
 export const TRAINER_NODE = "DCOTrainer";
 export const LOAD_EMBEDDINGS_NODE = "DCOLoadTokenEmbeddings";
 export const PROMPT_PAIR_NODE = "DCOPromptPair";
+export const LOAD_SUBJECT_NODE = "DCOLoadSubject"; // its token CLIP (output 2) carries the LoRA's tokens
 
 // GET route of nodes/routes.py: the tokens and plain words an embeddings file records.
 export const EMBEDDINGS_ROUTE = "/dco/embeddings";
+// GET route of nodes/routes.py: the tokens, words, embeddings file and cfg / rg a LoRA records.
+export const SUBJECT_ROUTE = "/dco/subject";
 
 /**
  * Wrap `nodeType.prototype[name]` so the original runs first (its result is returned) and then

@@ -122,9 +122,9 @@ def test_embeddings_route_answers_tokens_words_and_rows(server):
         assert status == code and json.loads(body)["error"].endswith("."), (query, body)
 
 
-def test_workflow_templates_lists_the_four_workflows_with_thumbnails(server):
+def test_workflow_templates_lists_every_workflow_with_thumbnails(server):
     templates = server.get("/api/workflow_templates")
-    assert sorted(templates[PACK]) == sorted(workflows.NAMES) and len(workflows.NAMES) == 4
+    assert sorted(templates[PACK]) == sorted(workflows.NAMES) and len(workflows.NAMES) == 5
     for path in workflow_files():
         assert server.get(f"/api/workflow_templates/{PACK}/{path.name}") == load_workflow(path)
         status, _, body = _get_raw(server, f"/api/workflow_templates/{PACK}/{path.stem}.jpg")

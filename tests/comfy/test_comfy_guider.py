@@ -8,6 +8,8 @@ is at least 100 times larger than that difference (a guider that dropped the LoR
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import harness
@@ -439,3 +441,141 @@ def test_row_selection(chunks, token, batch, expected):
         assert bp.rows.tolist() == expected
     else:
         assert bp.rows == expected
+
+
+# ------------------------------------------------------------------------------------------- rg_start / rg_end window
+OUTSIDE = {"ft": guider_mod.OUTSIDE_FT, "base": guider_mod.OUTSIDE_BASE}
+
+
+def window_guider(model, model_ft, conds, rg_start, rg_end, outside, cfg=5.0, rg=3.0, one_batch=True):
+    guider = harness.call_node(guider_mod.DCORewardGuidanceGuider, model=model, model_ft=model_ft,
+                               positive_token=conds["token"], positive_base=conds["base"], negative=conds["neg"],
+                               cfg=cfg, rg=rg, rg_start=rg_start, rg_end=rg_end, outside_window=OUTSIDE[outside])[0]
+    guider.one_batch = one_batch
+    return guider
+
+
+class BruteForceWindowGuider(BruteForceGuider):
+    """DESIGN 2.4 inside [percent_to_sigma(start), percent_to_sigma(end)] (ComfyUI's timestep-range
+    test on the step's sigma); outside it plain CFG, of the merged-weights model on the token prompt
+    ("ft") or of the base model on the base prompt ("base")."""
+
+    def __init__(self, model, ft_model, cfg, rg, rg_start, rg_end, outside):
+        super().__init__(model, ft_model, cfg, rg)
+        sampling = model.get_model_object("model_sampling")
+        self.high, self.low = sampling.percent_to_sigma(rg_start), sampling.percent_to_sigma(rg_end)
+        self.outside = outside
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006
+        sigma = timestep[0].item()
+        if self.low <= sigma <= self.high:
+            return super().predict_noise(x, timestep, model_options, seed)
+        if self.outside == "base":
+            neg, cond = comfy.samplers.calc_cond_batch(
+                self.inner_model, [self.conds["negative"], self.conds["positive"]], x, timestep, model_options)
+        else:
+            self.ft.model.current_patcher = self.ft
+            neg, cond = comfy.samplers.calc_cond_batch(
+                self.ft.model, [self.conds["negative"], self.conds["tok"]], x, timestep, model_options)
+        return neg + self.cfg * (cond - neg)
+
+
+@pytest.mark.parametrize("one_batch, cfg, rg", [(True, 5.0, 3.0), (False, 5.0, 3.0), (True, 5.0, 0.0), (True, 1.0, 1.0)],
+                         ids=["one-batch", "two-pass", "rg0", "cfg1-rg1"])
+def test_full_window_is_bit_identical_whatever_runs_outside(clip, conds, lora_dir, one_batch, cfg, rg):
+    """rg_start 0, rg_end 1 is today's guider: every step inside, so the two outside choices (which
+    differ a lot) and leaving the window out give the same latents bit for bit."""
+    model = harness.build_model(seed=0)
+    model_ft = load_loras(model, clip, [(SUBJECT, 1.0), (STYLE, 0.8)])
+    latent = torch.zeros(1, 4, 8, 8)
+    default = sample(our_guider(model, model_ft, conds, cfg=cfg, rg=rg, one_batch=one_batch), latent, "dpmpp_2m", 3)
+    for outside in OUTSIDE:
+        full = sample(window_guider(model, model_ft, conds, 0.0, 1.0, outside, cfg=cfg, rg=rg, one_batch=one_batch),
+                      latent, "dpmpp_2m", 3)
+        assert torch.equal(full, default), outside
+    never = sample(window_guider(model, model_ft, conds, 1.0, 1.0, "base", cfg=cfg, rg=rg), latent, "dpmpp_2m", 3)
+    assert not torch.equal(never, default), "an empty window must change the result (the test would prove nothing)"
+
+
+@pytest.mark.parametrize("outside", ["ft", "base"])
+@pytest.mark.parametrize("rg_start, rg_end", [(0.0, 0.5), (0.3, 0.8)], ids=["first-half", "middle"])
+def test_window_equals_brute_force(clip, conds, lora_dir, outside, rg_start, rg_end):
+    loras = [(SUBJECT, 1.0), (STYLE, 0.8)]
+    model = harness.build_model(seed=0)
+    model_ft = load_loras(model, clip, loras)
+    ft = patched_model("eps", lora_deltas(lora_dir, loras))
+    latent = torch.zeros(1, 4, 8, 8)
+    ours = sample(window_guider(model, model_ft, conds, rg_start, rg_end, outside), latent, "dpmpp_2m", 6)
+    brute = BruteForceWindowGuider(model, ft, 5.0, 3.0, rg_start, rg_end, outside)
+    brute.set_conds(conds["token"], conds["base"], conds["neg"])
+    ref = sample(brute, latent, "dpmpp_2m", 6)
+    no_lora = BruteForceWindowGuider(model, harness.build_model(seed=0), 5.0, 3.0, rg_start, rg_end, outside)
+    no_lora.set_conds(conds["token"], conds["base"], conds["neg"])
+    assert_close(ours, ref, sample(no_lora, latent, "dpmpp_2m", 6), f"window {rg_start}-{rg_end}, outside {outside}")
+    full = sample(our_guider(model, model_ft, conds), latent, "dpmpp_2m", 6)
+    assert (ours - full).abs().max() > 100 * TOL * full.abs().max(), "the window must change the result"
+
+
+@pytest.mark.parametrize("outside", ["ft", "base"])
+def test_steps_outside_the_window_skip_the_third_pass(clip, conds, lora_dir, outside):
+    """Inside the window one batch of three prompts; outside a pair (negative + one prompt), and for
+    "base" the LoRA hooks stay off."""
+    model = harness.build_model(seed=0)
+    model_ft = load_loras(model, clip, [(SUBJECT, 1.0)])
+    steps = 6
+    sigmas = harness.call_node(ncs.BasicScheduler, model=model, scheduler="karras", steps=steps, denoise=1.0)[0]
+    low = model.get_model_object("model_sampling").percent_to_sigma(0.5)
+    expected = [3 if s >= low else 2 for s in sigmas[:-1].tolist()]
+    assert 3 in expected and 2 in expected
+    guider = window_guider(model, model_ft, conds, 0.0, 0.5, outside)
+    sizes, handle = _record_batches(model)
+    lora_rows: list[int] = []
+    target = model.model.get_submodule("diffusion_model.input_blocks.3.1.transformer_blocks.0.attn1.to_q")
+    spy = target.register_forward_hook(lambda m, a, o: lora_rows.append(
+        0 if guider._bypass.rows is None else 1))
+    try:
+        sample(guider, torch.zeros(1, 4, 8, 8), "euler", steps)
+    finally:
+        handle.remove()
+        spy.remove()
+    assert sizes == expected
+    outside_rows = [r for r, n in zip(lora_rows, sizes) if n == 2]
+    assert outside_rows == ([0] * len(outside_rows) if outside == "base" else [1] * len(outside_rows))
+
+
+def test_sampler_node_takes_the_window_too(clip, conds, lora_dir):
+    model = harness.build_model(seed=0)
+    model_ft = load_loras(model, clip, [(SUBJECT, 1.0)])
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    out = harness.call_node(guider_mod.DCORewardGuidanceSampler, model=model, model_ft=model_ft,
+                            positive_token=conds["token"], positive_base=conds["base"], negative=conds["neg"],
+                            latent_image=latent, seed=11, steps=4, cfg=5.0, rg=3.0, sampler_name="euler",
+                            scheduler="karras", denoise=1.0, rg_start=0.25, rg_end=0.75,
+                            outside_window=guider_mod.OUTSIDE_BASE)[0]["samples"]
+    sigmas = harness.call_node(ncs.BasicScheduler, model=model, scheduler="karras", steps=4, denoise=1.0)[0]
+    ref = harness.call_node(ncs.SamplerCustomAdvanced, noise=harness.call_node(ncs.RandomNoise, noise_seed=11)[0],
+                            guider=window_guider(model, model_ft, conds, 0.25, 0.75, "base"),
+                            sampler=harness.call_node(ncs.KSamplerSelect, sampler_name="euler")[0],
+                            sigmas=sigmas, latent_image=latent)[0]["samples"]
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("rg_start, rg_end, message", [
+    (0.6, 0.4, r"rg_start \(0.6\) is after rg_end \(0.4\)"),
+    (-0.1, 1.0, "rg_start must be a fraction of the schedule from 0 to 1"),
+    (0.0, float("nan"), "rg_end must be a fraction of the schedule from 0 to 1"),
+])
+def test_a_bad_window_is_refused_by_name(conds, rg_start, rg_end, message):
+    assert re.search(message, guider_mod.DCORewardGuidanceGuider.validate_inputs(cfg=5.0, rg=3.0, rg_start=rg_start,
+                                                                                 rg_end=rg_end))
+    model = harness.build_model(seed=0)
+    with pytest.raises(DCOError, match=message):
+        guider_mod.make_guider(model, model, conds["token"], conds["base"], conds["neg"], 5.0, 3.0, rg_start, rg_end)
+
+
+def test_outside_window_choices_are_the_guiders(conds):
+    schema = guider_mod.DCORewardGuidanceGuider.define_schema()
+    (combo,) = [i for i in schema.inputs if i.id == "outside_window"]
+    assert tuple(combo.options) == guider_mod.OUTSIDE_CHOICES and combo.default == guider_mod.OUTSIDE_FT
+    with pytest.raises(DCOError, match="outside_window must be one of"):
+        guider_mod.check_window(0.0, 1.0, "the other model")

@@ -29,7 +29,7 @@ def _note(node_id: int, col: int, text: str) -> dict[str, Any]:
 
 
 def _sampling_chain(first: int, model: int, model_ft: int, pair: int, neg: int, vae: int, prefix: str,
-                    col: int) -> tuple[list[dict[str, Any]], list[tuple]]:
+                    col: int, model_ft_slot: int = 0) -> tuple[list[dict[str, Any]], list[tuple]]:
     """RG guider -> SamplerCustomAdvanced -> VAE Decode -> Save Image, with its noise, sampler,
     sigmas and latent nodes (ids from `first`)."""
     g, noise, sampler, sched, latent, adv, dec, save = range(first, first + 8)
@@ -46,7 +46,7 @@ def _sampling_chain(first: int, model: int, model_ft: int, pair: int, neg: int, 
         {"id": save, "type": "SaveImage", "col": col + 2, "widgets": {"filename_prefix": prefix}, "size": [420, 470]},
     ]
     links = [
-        (model, 0, g, "model"), (model_ft, 0, g, "model_ft"), (pair, 0, g, "positive_token"),
+        (model, 0, g, "model"), (model_ft, model_ft_slot, g, "model_ft"), (pair, 0, g, "positive_token"),
         (pair, 1, g, "positive_base"), (neg, 0, g, "negative"), (model, 0, sched, "model"),
         (noise, 0, adv, "noise"), (g, 0, adv, "guider"), (sampler, 0, adv, "sampler"), (sched, 0, adv, "sigmas"),
         (latent, 0, adv, "latent_image"), (adv, 0, dec, "samples"), (vae, 2, dec, "vae"), (dec, 0, save, "images"),
@@ -154,7 +154,28 @@ def subject_style_merge() -> dict[str, Any]:
     return {"name": "dco_subject_style_merge", "nodes": nodes, "links": links, "thumb": [2, 3, 4, 5, 8]}
 
 
-SPECS = [train_subject(), train_style(), subject_rg(), subject_style_merge()]
+def load_subject() -> dict[str, Any]:
+    nodes = [
+        {"id": 1, "type": "CheckpointLoaderSimple", "col": 0, "widgets": {"ckpt_name": CKPT}},
+        {"id": 2, "type": "DCOLoadSubject", "col": 0,
+         "widgets": {"lora_name": "dco_dog.safetensors", "strength": 1.0, "lora_2": "none", "strength_2": 1.0,
+                     "embeddings": "(from the LoRA file)", "tokens": ""}},
+        {"id": 4, "type": "DCOPromptPair", "col": 1, "widgets": {"text": SUBJECT_PROMPT, "word_map": ""}},
+        {"id": 5, "type": "CLIPTextEncode", "col": 1, "widgets": {"text": NEGATIVE}, "title": "Negative prompt"},
+        _note(20, 1, "One pick of the trained LoRA: DCO Load Subject finds its embeddings file (named and hashed in "
+                     "the LoRA), teaches the CLIP <dog>, and gives both models, both CLIPs and the cfg / rg the "
+                     "training recommends. Pick a style LoRA in lora_2 for the subject + style merge. "
+                     "rg_start / rg_end on the guider limit reward guidance to part of the schedule."),
+    ]
+    links = [(1, 0, 2, "model"), (1, 1, 2, "clip"), (2, 2, 4, "token_clip"), (2, 3, 4, "base_clip"),
+             (2, 3, 5, "clip")]
+    more, more_links = _sampling_chain(6, model=2, model_ft=2, pair=4, neg=5, vae=1, prefix="dco/load_subject",
+                                       col=2, model_ft_slot=1)
+    more_links += [(2, 4, 6, "cfg"), (2, 5, 6, "rg")]
+    return {"name": "dco_load_subject", "nodes": nodes + more, "links": links + more_links, "thumb": [2, 4, 6]}
+
+
+SPECS = [train_subject(), train_style(), subject_rg(), subject_style_merge(), load_subject()]
 NAMES = [s["name"] for s in SPECS]
 
 GENERATED_CAPTIONS = ["a photo of a <obj> on a table", "a photo of a <obj> in the snow", "a photo of a <obj> on the beach"]
