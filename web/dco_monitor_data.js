@@ -125,7 +125,7 @@ export class TrainRun {
       if (this.status === "start" || this.status === "setup") this.status = "setup";
       return true;
     }
-    if (status === "running" && ev.preview_s !== undefined) {
+    if (status === "running" && ev.preview_s !== undefined && ev.preview_s !== null) {
       // a validation preview's cost: no chart point, so the replay rule below must not see its step
       const seconds = num(ev.preview_s);
       if (seconds === null) return false;

@@ -345,3 +345,12 @@ test("a loss spike clips the axis instead of flattening the curve (as the curve 
   const even = Array.from({ length: 20 }, (_, i) => i);
   assert.deepEqual(axisRange(even, { clip: true }), axisRange(even), "no spike, no clipping");
 });
+
+test("a step row whose preview_s is null (no preview that step) is a chart point, not a preview cost", () => {
+  const store = new MonitorStore();
+  store.apply({ node: "5", run: "p1", status: "start", total: 3 });
+  assert.ok(store.apply(running("5", "p1", 1, { preview_s: null, drift: null, fit: null })));
+  const run = store.get("5");
+  assert.deepEqual(run.series("loss")[0], [1]);
+  assert.equal(run.previews.length, 0);
+});
