@@ -2,7 +2,8 @@
 
 One throwaway server per module (the pack and the test-only tiny-SDXL pack in its `custom_nodes/`,
 a small captioned dataset, a few embeddings files). Without a browser:
-- the JS files and GET /dco/embeddings are served, the four workflows are in /workflow_templates;
+- the JS files, GET /dco/embeddings and GET /dco/subject are served, the five workflows are in
+  /workflow_templates;
 - our nodes' live /object_info equals the static parse that the main suite checks workflows with
   (tests/node_schemas.py), and the stock-node snapshot equals the live stock nodes;
 - every workflow passes the workflow checks against the live node list;
@@ -10,7 +11,10 @@ a small captioned dataset, a few embeddings files). Without a browser:
 In headless Chromium (skipped with the reason when Chromium is not installed):
 - the extension loads with no console errors; each workflow loads from the Templates endpoint with
   every node type known and `widgets_values` unchanged by the frontend;
-- DCO Prompt Pair shows the base prompt as the user types;
+- DCO Prompt Pair shows the base prompt as the user types, and follows DCO Load Subject's token CLIP
+  (the LoRA's tokens through GET /dco/subject, its tokens override) and base CLIP;
+- dco_load_subject (on the tiny model, with a demo LoRA that records its embeddings file) runs from
+  the page, and so does the generate -> train -> sample graph (workflows.train_on_generated);
 - a tiny-model variant of dco_train_subject with two trainers is queued from the page: each
   trainer's monitor receives its own run and draws its points, the run succeeds, the final curve
   image arrives, the monitor survives collapse and zoom, and the new LoRAs appear in a LoraLoader
