@@ -125,9 +125,9 @@ export class TrainRun {
       if (this.status === "start" || this.status === "setup") this.status = "setup";
       return true;
     }
-    if (status === "running" && ev.preview_s !== undefined && ev.loss === undefined) {
+    if (status === "running" && ev.preview_s !== undefined && ev.preview_s !== null && ev.loss === undefined) {
       // a validation preview's cost: no chart point, so the replay rule below must not see its step
-      // (a step's own row also carries preview_s, with its loss: that one is a chart point)
+      // (a step row carries its step's preview_s too, null or not, and the same cost comes again alone)
       const seconds = num(ev.preview_s);
       if (seconds === null) return false;
       this.previews.push({ step: num(ev.step) ?? this.step, seconds, stepsEquiv: num(ev.preview_steps_equiv) });

@@ -3,32 +3,39 @@
 //
 // The token -> word map comes from what feeds the node's token_clip input, walked upstream the way
 // the CLIP travels: a DCO Load Token Embeddings node (the words its file records, read through
-// GET /dco/embeddings, see nodes/routes.py), a DCO Trainer (its `tokens` widget), and any CLIP -> CLIP
-// node in between (LoraLoader, ...). The rule itself is web/dco_prompt_rules.js, a mirror of the
+// GET /dco/embeddings, see nodes/routes.py), a DCO Load Subject (its token CLIP: what its LoRA(s)
+// record, read through GET /dco/subject; its base CLIP is its own clip input), a DCO Trainer (its
+// `tokens` widget), and any CLIP -> CLIP node in between (LoraLoader, ...). The rule itself is web/dco_prompt_rules.js, a mirror of the
 // Python node. The widget is not serialised.
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
-  EMBEDDINGS_ROUTE, FILES_CHANGED_EVENT, LOAD_EMBEDDINGS_NODE, PROMPT_PAIR_NODE, TRAINER_NODE, chainMethod,
+  EMBEDDINGS_ROUTE, FILES_CHANGED_EVENT, LOAD_EMBEDDINGS_NODE, LOAD_SUBJECT_NODE, PROMPT_PAIR_NODE, SUBJECT_ROUTE,
+  TRAINER_NODE, chainMethod,
 } from "./dco_shared.js";
-import { basePrompt, loaderWordMap, parseTrainerTokens, parseWordMap } from "./dco_prompt_rules.js";
+import { basePrompt, loaderWordMap, parseTrainerTokens, parseWordMap, subjectWordMap } from "./dco_prompt_rules.js";
 
 const MAX_DEPTH = 32;
 const POLL_MS = 400; // how often the helpers look upstream when no frame is drawn (Nodes 2.0)
-const files = new Map(); // embeddings name -> {state: "pending"|"ok"|"error", file, error}
+const NO_LORA = "none"; // nodes/subject.py NO_LORA
+const FROM_LORA = "(from the LoRA file)"; // nodes/subject.py FROM_LORA
+const SUBJECT_TOKEN_CLIP = 2; // DCO Load Subject's outputs: base MODEL, fine-tuned MODEL, token CLIP, base CLIP
+const files = new Map(); // route + file name -> {state: "pending"|"ok"|"error", file, error}
 const helpers = new Set();
 
-function embeddingsInfo(name) {
-  let entry = files.get(name);
+/** What `route` (GET /dco/embeddings or /dco/subject) answers for the file `name`, fetched once. */
+function fileInfo(route, name) {
+  const key = `${route}?${name}`;
+  let entry = files.get(key);
   if (!entry) {
     entry = { state: "pending" };
-    files.set(name, entry);
+    files.set(key, entry);
     api
-      .fetchApi(`${EMBEDDINGS_ROUTE}?name=${encodeURIComponent(name)}`)
+      .fetchApi(`${route}?name=${encodeURIComponent(name)}`)
       .then(async (res) => {
         const body = await res.json().catch(() => ({}));
-        if (!res.ok) throw new Error(body.error || `GET ${EMBEDDINGS_ROUTE} answered ${res.status}`);
+        if (!res.ok) throw new Error(body.error || `GET ${route} answered ${res.status}`);
         Object.assign(entry, { state: "ok", file: body });
       })
       .catch((error) => Object.assign(entry, { state: "error", error: String(error.message ?? error) }))
@@ -67,7 +74,7 @@ function clipWordMap(node, name, depth = 0) {
     const up = clipWordMap(src, "clip", depth + 1);
     const file = widgetValue(src, "embeddings");
     if (!file) return { ...up, note: "DCO Load Token Embeddings has no file selected" };
-    const info = embeddingsInfo(file);
+    const info = fileInfo(EMBEDDINGS_ROUTE, file);
     if (info.state === "pending") return { ...up, pending: true };
     if (info.state === "error") return { ...up, note: `${file}: ${info.error}` };
     try {
@@ -75,6 +82,10 @@ function clipWordMap(node, name, depth = 0) {
     } catch (error) {
       return { ...up, note: error.message };
     }
+  }
+  if (src.type === LOAD_SUBJECT_NODE) {
+    const up = clipWordMap(src, "clip", depth + 1);
+    return origin.slot === SUBJECT_TOKEN_CLIP ? subjectTokens(src, up) : up; // the base CLIP passes through
   }
   if (src.type === TRAINER_NODE) {
     const up = clipWordMap(src, "clip", depth + 1);
@@ -94,6 +105,29 @@ function clipWordMap(node, name, depth = 0) {
   const clipInput = src.type === "Reroute" ? 0 : src.inputs?.findIndex((i) => i.type === "CLIP");
   if (clipInput === undefined || clipInput < 0) return { known: new Map(), note: null, pending: false }; // a loader
   return clipWordMap(src, clipInput, depth + 1);
+}
+
+/** DCO Load Subject's token CLIP: `up` (its clip input) plus the tokens of lora_name and lora_2. */
+function subjectTokens(src, up) {
+  const picks = [[widgetValue(src, "lora_name"), widgetValue(src, "embeddings"), widgetValue(src, "tokens")]];
+  const second = widgetValue(src, "lora_2");
+  if (second && second !== NO_LORA) picks.push([second, FROM_LORA, ""]);
+  let known = up.known;
+  for (const [name, embeddings, typed] of picks) {
+    if (!name) return { ...up, note: "DCO Load Subject has no LoRA selected" };
+    const lora = fileInfo(SUBJECT_ROUTE, name);
+    const chosen = embeddings && embeddings !== FROM_LORA ? fileInfo(EMBEDDINGS_ROUTE, embeddings) : null;
+    if (lora.state === "pending" || chosen?.state === "pending") return { ...up, pending: true };
+    for (const [file, info] of [[name, lora], [embeddings, chosen]]) {
+      if (info?.state === "error") return { ...up, note: `${file}: ${info.error}` };
+    }
+    try {
+      known = new Map([...known, ...subjectWordMap(lora.file, { chosen: chosen?.file ?? null, typed, loraName: name })]);
+    } catch (error) {
+      return { ...up, note: error.message };
+    }
+  }
+  return { ...up, known };
 }
 
 class PromptHelper {
@@ -142,7 +176,7 @@ class PromptHelper {
       div.style.color = color;
       this.root.append(div);
     };
-    if (pending) line("base prompt: ", "reading the embeddings file…", "#aaa");
+    if (pending) line("base prompt: ", "reading the token files…", "#aaa");
     else if (error) {
       if (note) line("note: ", note, "#e9b96e"); // the likely cause first
       line("⚠ ", error, "#f88");

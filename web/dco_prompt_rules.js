@@ -7,6 +7,7 @@
 //                        add_tokens build the token CLIP's token -> word map
 //   dco_train/text.py    replace_tokens
 //   dco_train/config.py  parse_tokens (the trainer's "tokens" widget, "<dog>=dog, <hat>=hat")
+//   nodes/subject.py     subject_embeddings (DCO Load Subject's token CLIP)
 
 const TOKEN_LIKE = /<[^<>\s()]+>/g;
 
@@ -82,6 +83,36 @@ export function loaderWordMap(file, typedTokens, fileName = "the embeddings file
     }
   }
   return new Map(tokens.map((t, i) => [t, words[i] ?? ""]));
+}
+
+/**
+ * The token -> word map one LoRA of a DCOLoadSubject node adds to its token CLIP (nodes/subject.py
+ * subject_embeddings). `lora` is what GET /dco/subject answers ({tokens, words, embeddings});
+ * `chosen` the GET /dco/embeddings answer for a file chosen in the node's `embeddings` input (null
+ * for "(from the LoRA file)", where the LoRA's own tokens and words stand for the file it records);
+ * `typed` the node's `tokens` widget ("<dog>=dog"), which renames the rows in order and sets words.
+ * Empty for a LoRA without tokens (a style). Throws PromptRuleError.
+ */
+export function subjectWordMap(lora, { chosen = null, typed = "", loraName = "the LoRA" } = {}) {
+  const own = parseTrainerTokens(typed);
+  const recorded = new Map((lora.tokens ?? []).map((t, i) => [t, lora.words?.[i] ?? ""]));
+  let file = chosen;
+  if (!file && lora.embeddings) file = { tokens: lora.tokens ?? [], words: lora.words ?? [] };
+  if (!file) {
+    if (!own.size && !recorded.size) return new Map();
+    const what = recorded.size && !own.size ? `records the tokens ${[...recorded.keys()].join(", ")}` : "has tokens typed in";
+    throw new PromptRuleError(
+      `${loraName} ${what} but does not name its embeddings file (it was trained before ComfyUI-DCO recorded ` +
+        "it, or by another tool); choose the embeddings file in the embeddings input.",
+    );
+  }
+  let rows;
+  try {
+    rows = loaderWordMap(file, [...own.keys()].join(", "), loraName);
+  } catch (e) {
+    throw new PromptRuleError(e.message.replace("type them in", "type them in the tokens input"));
+  }
+  return new Map([...rows].map(([t, w]) => [t, own.get(t) || w || recorded.get(t) || ""]));
 }
 
 /** dco_train/text.py replace_tokens: longest token first, whitespace tidied. */

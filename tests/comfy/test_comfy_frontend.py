@@ -2,7 +2,8 @@
 
 One throwaway server per module (the pack and the test-only tiny-SDXL pack in its `custom_nodes/`,
 a small captioned dataset, a few embeddings files). Without a browser:
-- the JS files and GET /dco/embeddings are served, the four workflows are in /workflow_templates;
+- the JS files, GET /dco/embeddings and GET /dco/subject are served, the five workflows are in
+  /workflow_templates;
 - our nodes' live /object_info equals the static parse that the main suite checks workflows with
   (tests/node_schemas.py), and the stock-node snapshot equals the live stock nodes;
 - every workflow passes the workflow checks against the live node list;
@@ -10,7 +11,10 @@ a small captioned dataset, a few embeddings files). Without a browser:
 In headless Chromium (skipped with the reason when Chromium is not installed):
 - the extension loads with no console errors; each workflow loads from the Templates endpoint with
   every node type known and `widgets_values` unchanged by the frontend;
-- DCO Prompt Pair shows the base prompt as the user types;
+- DCO Prompt Pair shows the base prompt as the user types, and follows DCO Load Subject's token CLIP
+  (the LoRA's tokens through GET /dco/subject, its tokens override) and base CLIP;
+- dco_load_subject (on the tiny model, with a demo LoRA that records its embeddings file) runs from
+  the page, and so does the generate -> train -> sample graph (workflows.train_on_generated);
 - a tiny-model variant of dco_train_subject with two trainers is queued from the page: each
   trainer's monitor receives its own run and draws its points, the run succeeds, the final curve
   image arrives, the monitor survives collapse and zoom, and the new LoRAs appear in a LoraLoader
@@ -66,7 +70,11 @@ FRONTEND_1_27_ERROR = "Cannot read properties of undefined (reading 'id')"
 def server(tmp_path_factory):
     base = harness.server_base(tmp_path_factory.mktemp("comfy-frontend"), PACK)
     workflows.write_settings(base)
-    workflows.write_demo_models(base)  # dco_dog.safetensors: <dog> from "dog"
+    # dco_dog.safetensors: <dog> from "dog" sized for the tiny model, and the LoRA that records it
+    workflows.write_demo_models(base, hidden=(harness.HIDDEN_L, harness.HIDDEN_G))
+    lora = base / "models" / "loras" / "dco_dog.safetensors"  # weights for the tiny model, same metadata
+    formats.save_lora(lora, {"unet": harness.peft_unet_lora(harness.build_model(seed=0), 4, 1)}, {"unet": 4.0},
+                      formats.read_metadata(lora), dtype="fp32")
     emb = base / "models" / "embeddings"
     gen = torch.Generator().manual_seed(0)
     formats.save_embeddings(emb / "pets.safetensors", formats.TokenEmbeddings(
@@ -122,6 +130,15 @@ def test_embeddings_route_answers_tokens_words_and_rows(server):
         assert status == code and json.loads(body)["error"].endswith("."), (query, body)
 
 
+def test_subject_route_answers_what_the_lora_records(server):
+    info = server.get("/api/dco/subject?name=dco_dog.safetensors")
+    assert info == {"name": "dco_dog.safetensors", "tokens": ["<dog>"], "words": ["dog"],
+                    "embeddings": "dco_dog.safetensors", "cfg": 6.0, "rg": 2.5}
+    for query, code in (("", 400), ("?name=missing.safetensors", 404)):
+        status, _, body = _get_raw(server, f"/api/dco/subject{query}")
+        assert status == code and json.loads(body)["error"].endswith("."), (query, body)
+
+
 def test_workflow_templates_lists_every_workflow_with_thumbnails(server):
     templates = server.get("/api/workflow_templates")
     assert sorted(templates[PACK]) == sorted(workflows.NAMES) and len(workflows.NAMES) == 5
@@ -169,7 +186,7 @@ def test_workflow_passes_the_checks_against_the_live_node_list(server, path):
     assert not problems, "\n".join(problems)
 
 
-def test_prompt_cases_hold_for_the_python_nodes(tmp_path):
+def test_prompt_cases_hold_for_the_python_nodes(tmp_path, monkeypatch):
     emb = harness.pack_module("nodes.embeddings")
     errors = harness.pack_module("dco_train.errors")
     for case in CASES["base_prompt"]:
@@ -196,6 +213,33 @@ def test_prompt_cases_hold_for_the_python_nodes(tmp_path):
                 load()
         else:
             assert list(load().items()) == list(case["map"].items()), case
+    subject = harness.pack_module("nodes.subject")
+    for i, case in enumerate(CASES["subject"]):
+        lora = tmp_path / f"subject{i}" / "lora.safetensors"
+        lora.parent.mkdir()
+        files = {"chosen.safetensors": case.get("chosen")}
+        if case["lora"]["embeddings"]:  # the file the LoRA records, beside it: its tokens and words
+            files[case["lora"]["embeddings"]] = {**case["lora"], "rows": {"clip_l": len(case["lora"]["tokens"])}}
+        for name, file in files.items():
+            if file is not None:
+                n = max(1, file["rows"]["clip_l"])
+                meta = {formats.META_TOKENS: json.dumps(file["tokens"]),
+                        formats.META_INITIALIZERS: json.dumps(file["words"])} if file["tokens"] else {}
+                formats.save_safetensors(lora.parent / name, {"clip_l": torch.zeros(n, 768),
+                                                              "clip_g": torch.zeros(n, 1280)}, meta)
+        info = formats.SubjectInfo(tokens=case["lora"]["tokens"], words=case["lora"]["words"],
+                                   embeddings=case["lora"]["embeddings"])
+        chosen = "chosen.safetensors" if case.get("chosen") else subject.FROM_LORA
+        monkeypatch.setattr(subject, "_embedding_path", lambda name, folder=lora.parent: str(folder / name))
+
+        def pick():
+            found = subject.subject_embeddings(info, "s.safetensors", str(lora), chosen, case["typed"])
+            return {} if found is None else dict(zip(found[0].tokens, found[0].initializers))
+        if "error" in case:
+            with pytest.raises(errors.DCOError, match=re.escape(case["error"])):
+                pick()
+        else:
+            assert list(pick().items()) == list(case["map"].items()), case
 
 
 # ----------------------------------------------------------------------------- in the page
@@ -301,15 +345,102 @@ def test_prompt_pair_shows_the_base_prompt_as_the_user_types(page):
     _fit_and_shoot(page, "prompt_helper", ids=[3, 4])
 
 
-# The browser-test variant of dco_train_subject: the test-only tiny SDXL instead of Load Checkpoint,
-# training small enough for the CPU, a second trainer, and a muted LoraLoader whose dropdown must
-# pick up the new files.
-TINY_VARIANT_JS = r"""
-async () => {
+HELPER_READY_JS = ("(() => { const r = app.graph.nodes.find((n) => n.type === 'DCOPromptPair')"
+                   ".dcoPromptHelper.result; return !r.pending && r; })()")
+SMALL_SAMPLING_JS = r"""
+() => {
+  const set = (t, v) => { for (const n of app.graph.nodes.filter((x) => x.type === t))
+    for (const [k, x] of Object.entries(v)) n.widgets.find((w) => w.name === k).value = x; };
+  set("BasicScheduler", { steps: 2 });
+  set("EmptyLatentImage", { width: 64, height: 64 });
+  app.canvas.setDirty(true, true);
+}
+"""
+
+
+def _queue_and_wait(page, server) -> dict | None:
+    """Queue the page's graph as the Run button does; its history entry once it completed."""
+    before = set(server.get("/api/history"))
+    page.eval("app.queuePrompt(0, 1).then(() => true)")
+    return _wait_for_history(server, before, time.time())
+
+
+def _run_error(entry: dict) -> str:
+    """The node and message of a failed run (ComfyUI's execution_error), short enough to read."""
+    for kind, data in entry["status"].get("messages", []):
+        if kind == "execution_error":
+            return f"{data.get('node_type')} #{data.get('node_id')}: {data.get('exception_message')}"
+    return json.dumps(entry["status"])[-1500:]
+
+
+def _saved_images(entry: dict) -> list[str]:
+    return [i["filename"] for out in entry.get("outputs", {}).values() for i in out.get("images", [])
+            if i.get("type") == "output"]
+
+
+def test_load_subject_workflow_shows_the_base_prompt_and_runs_from_the_page(page, server):
+    page.eval(f"({workflows.LOAD_JS})('/api/workflow_templates/{PACK}/dco_load_subject.json')")
+    helper = page.wait_for(HELPER_READY_JS, 20)
+    assert helper["error"] is None and helper["base"] == "a dog playing saxophone on a beach at sunset", helper
+    assert helper["known"] == [["<dog>", "dog"]], "the words come from the LoRA through GET /dco/subject"
+    page.eval(f"(({TO_TINY_JS})(), true)")
+    page.eval(f"({SMALL_SAMPLING_JS})()")
+    _fit_and_shoot(page, "load_subject_before_run")
+    entry = _queue_and_wait(page, server)
+    assert entry is not None, "the queued prompt never reached the history"
+    assert entry["status"]["status_str"] == "success", _run_error(entry)
+    assert _saved_images(entry), "the run saved no image"
+    page.eval("new Promise((r) => setTimeout(r, 800))")
+    _fit_and_shoot(page, "load_subject_done")
+    assert not _ours_or_unexplained(page.errors()), page.errors()
+
+
+def test_prompt_helper_follows_load_subject_outputs(page):
+    """The token CLIP carries the LoRA's tokens, a typed tokens override renames them, and the base
+    CLIP output (followed like any pass-through CLIP) does not know them."""
+    page.eval(f"({workflows.LOAD_JS})('/api/workflow_templates/{PACK}/dco_load_subject.json')")
+    page.wait_for(HELPER_READY_JS, 20)
+    set_js = """(v) => { const n = app.graph.nodes.find((x) => x.type === 'DCOLoadSubject');
+      n.widgets.find((w) => w.name === 'tokens').value = v; }"""
+    page.eval(f"({set_js})('<sks>=puppy')")
+    renamed = page.wait_for("(() => { const r = app.graph.nodes.find((n) => n.type === 'DCOPromptPair')"
+                            ".dcoPromptHelper.result; return r.known.length && r.known[0][0] === '<sks>' && r; })()", 10)
+    assert renamed["known"] == [["<sks>", "puppy"]] and "The prompt names <dog>" in renamed["error"], renamed
+    page.eval(f"({set_js})('')")
+    page.eval("""(() => { const g = app.graph, s = g.nodes.find((x) => x.type === 'DCOLoadSubject');
+      const p = g.nodes.find((x) => x.type === 'DCOPromptPair'); s.connect(3, p, 0); })()""")
+    base = page.wait_for("(() => { const r = app.graph.nodes.find((n) => n.type === 'DCOPromptPair')"
+                         ".dcoPromptHelper.result; return !r.pending && r.error && r; })()", 10)
+    assert base["known"] == [] and "The prompt names <dog>" in base["error"], base
+
+
+def test_graph_that_generates_trains_and_samples_runs_from_the_page(page, server):
+    spec = workflows.train_on_generated()
+    page.eval(f"({workflows.BUILD_JS})({json.dumps(spec)})")
+    helper = page.wait_for(HELPER_READY_JS, 20)
+    assert helper["base"] == "a photo of a toy on the grass", "the trainer's tokens widget gives the word"
+    page.eval("(() => { const t = app.graph.nodes.find((n) => n.type === 'DCOTrainer');"
+              " t.widgets.find((w) => w.name === 'overwrite').value = true; })()")
+    _fit_and_shoot(page, "train_on_generated_before_run")
+    entry = _queue_and_wait(page, server)
+    assert entry is not None, "the queued prompt never reached the history"
+    assert entry["status"]["status_str"] == "success", _run_error(entry)
+    assert [f for f in _saved_images(entry) if f.startswith("dco_generated")], _saved_images(entry)
+    trainer_id = next(n["id"] for n in spec["nodes"] if n["type"] == "DCOTrainer")
+    trainer = _stats(page, trainer_id)
+    assert (trainer["status"], trainer["step"]) == ("done", 3), trainer
+    page.eval("new Promise((r) => setTimeout(r, 800))")
+    _fit_and_shoot(page, "train_on_generated_done")
+    _shoot_monitor(page, trainer_id, "train_on_generated_monitor")
+    assert not _ours_or_unexplained(page.errors()), page.errors()
+
+
+# The loaded workflow's Load Checkpoint replaced by the test-only tiny SDXL (same outputs, wired the
+# same way); returns the new node.
+TO_TINY_JS = r"""
+() => {
   const g = app.graph;
-  const byType = (t) => g.nodes.filter((n) => n.type === t);
-  const set = (node, values) => { for (const [k, v] of Object.entries(values)) node.widgets.find((w) => w.name === k).value = v; };
-  const [ckpt] = byType("CheckpointLoaderSimple");
+  const ckpt = g.nodes.find((n) => n.type === "CheckpointLoaderSimple");
   const tiny = LiteGraph.createNode("DCOTestTinySDXL");
   g.add(tiny);
   tiny.pos = [...ckpt.pos];
@@ -321,6 +452,19 @@ async () => {
     }
   }
   g.remove(ckpt);
+  return tiny;
+}
+"""
+
+# The browser-test variant of dco_train_subject: the test-only tiny SDXL instead of Load Checkpoint,
+# training small enough for the CPU, a second trainer, and a muted LoraLoader whose dropdown must
+# pick up the new files.
+TINY_VARIANT_JS = r"""
+async () => {
+  const g = app.graph;
+  const byType = (t) => g.nodes.filter((n) => n.type === t);
+  const set = (node, values) => { for (const [k, v] of Object.entries(values)) node.widgets.find((w) => w.name === k).value = v; };
+  const tiny = (TO_TINY_JS)();
   const [a] = byType("DCOTrainer");
   const small = { dataset_dir: "dco/star", tokens: "<obj>=toy", rank: 4, learning_rate: 0.001, text_encoder_lr: 0.001,
                   resolution: 64, mixed_precision: "no", checkpoint_every: 0, seed: 0, overwrite: true };
@@ -343,7 +487,7 @@ async () => {
   window.__dcoNoReload = true;
   return { a: a.id, b: b.id, lora: lora.id, tiny: tiny.id };
 }
-"""
+""".replace("TO_TINY_JS", TO_TINY_JS.strip())
 
 
 def _stats(page, node_id: int) -> dict:

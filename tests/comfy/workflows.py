@@ -254,16 +254,27 @@ def write_settings(base_dir: Path) -> None:
     (user / "comfy.settings.json").write_text(json.dumps(SETTINGS), encoding="utf-8")
 
 
-def write_demo_models(base_dir: Path) -> None:
-    """Small stand-ins for the files the workflows name (a <dog> embeddings file with its word), so the
-    prompt helper and the dropdowns show what a user who trained them would see."""
+def write_demo_models(base_dir: Path, hidden: tuple[int, int] = (768, 1280)) -> None:
+    """Small stand-ins for the files the workflows name, so the prompt helper and the dropdowns show
+    what a user who trained them would see: a <dog> embeddings file with its word (rows of `hidden`,
+    the CLIP-L / CLIP-G widths: SDXL's, or the tiny test model's to run it), and the LoRA
+    dco_dog.safetensors that records it as training does (formats.subject_metadata; no weights, so
+    it leaves the model as it is)."""
     import torch
     from safetensors.torch import save_file
 
+    import harness
+
+    formats = harness.pack_module("dco_train.formats")
     emb = base_dir / "models" / "embeddings"
     emb.mkdir(parents=True, exist_ok=True)
-    rows = {"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}
-    save_file(rows, str(emb / "dco_dog.safetensors"), metadata={"dco.tokens": '["<dog>"]', "dco.initializers": '["dog"]'})
+    rows = {"clip_l": torch.zeros(1, hidden[0]), "clip_g": torch.zeros(1, hidden[1])}
+    tokens = {formats.META_TOKENS: '["<dog>"]', formats.META_INITIALIZERS: '["dog"]'}
+    save_file(rows, str(emb / "dco_dog.safetensors"), metadata=tokens)
+    loras = base_dir / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    meta = {**tokens, **formats.subject_metadata(emb / "dco_dog.safetensors", cfg=6.0, rg=2.5)}
+    save_file({}, str(loras / "dco_dog.safetensors"), metadata=meta)
 
 
 # ----------------------------------------------------------------------------- page-side helpers

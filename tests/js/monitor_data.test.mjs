@@ -345,3 +345,14 @@ test("a loss spike clips the axis instead of flattening the curve (as the curve 
   const even = Array.from({ length: 20 }, (_, i) => i);
   assert.deepEqual(axisRange(even, { clip: true }), axisRange(even), "no spike, no clipping");
 });
+
+test("a step row is a chart point whatever its preview_s; the cost event alone records the cost", () => {
+  const store = new MonitorStore();
+  store.apply({ node: "5", run: "p1", status: "start", total: 3 });
+  assert.ok(store.apply(running("5", "p1", 1, { preview_s: null, drift: null, fit: null })), "no preview that step");
+  assert.ok(store.apply(running("5", "p1", 2, { preview_s: 1.5 })), "the step that rendered a preview");
+  store.apply({ node: "5", run: "p1", status: "running", total: 3, step: 2, preview_s: 1.5, preview_steps_equiv: 3 });
+  const run = store.get("5");
+  assert.deepEqual(run.series("loss")[0], [1, 2]);
+  assert.equal(run.previews.length, 1);
+});

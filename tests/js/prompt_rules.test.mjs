@@ -6,6 +6,7 @@ import { readFileSync } from "node:fs";
 
 import {
   PromptRuleError, basePrompt, loaderWordMap, parseTokenList, parseTrainerTokens, parseWordMap, replaceTokens,
+  subjectWordMap,
 } from "../../web/dco_prompt_rules.js";
 
 const cases = JSON.parse(readFileSync(new URL("../data/prompt_cases.json", import.meta.url), "utf8"));
@@ -44,7 +45,7 @@ for (const c of cases.loader) {
 test("the shared case file has cases of every kind", () => {
   assert.ok(cases.base_prompt.filter((c) => c.error).length >= 3);
   assert.ok(cases.base_prompt.filter((c) => !c.error).length >= 5);
-  assert.ok(cases.trainer_tokens.length >= 3 && cases.loader.length >= 3);
+  assert.ok(cases.trainer_tokens.length >= 3 && cases.loader.length >= 3 && cases.subject.length >= 3);
 });
 
 test("replace tokens: longest first, whitespace tidied", () => {
@@ -55,3 +56,11 @@ test("token lists split on commas and whitespace", () => {
   assert.deepEqual(parseTokenList(" <a>,<b>  <c>,, "), ["<a>", "<b>", "<c>"]);
   assert.deepEqual(parseTokenList(undefined), []);
 });
+
+for (const c of cases.subject) {
+  test(`load subject: LoRA ${JSON.stringify(c.lora.tokens)} typed ${JSON.stringify(c.typed)}${c.chosen ? " with a chosen file" : ""}`, () => {
+    const run = () => subjectWordMap(c.lora, { chosen: c.chosen ?? null, typed: c.typed, loraName: "s.safetensors" });
+    const out = expectCase(c, run, c.error);
+    if (!c.error) assert.deepEqual([...out], Object.entries(c.map), "the order is the file's row order");
+  });
+}
