@@ -93,6 +93,25 @@ def detector_accuracy(n: int = 400, seed: int = 7) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in out.items()}
 
 
+@torch.no_grad()
+def codec_accuracy(vae: Any, n: int = 96, seed: int = 8) -> dict[str, float]:
+    """The detectors on VAE round trips (encode, decode the mean) of rendered prior scenes and subjects:
+    the ceiling of every sampled score, since samples go through the same decoder."""
+    from dco_train.sample import decode_latents
+    from world.prior import pixels
+
+    scenes = world.training_scenes(n, seed) + world.subject_scenes()
+    z = vae.encode(pixels(scenes)).latent_dist.mean * vae.config.scaling_factor
+    hits = {"all": [], "subject": []}
+    for s, im in zip(scenes, decode_latents(vae, z)):
+        r = read(im)
+        if s.colour == "subject":
+            hits["subject"].append(r.subject)
+        else:
+            hits["all"].append((r.shape, r.colour, r.background, r.position) == (s.shape, s.colour, s.background, s.position))
+    return {k: float(np.mean(v)) for k, v in hits.items()}
+
+
 def load_prior(folder: Path):
     from dco_train.models import load_sdxl
 
@@ -182,11 +201,12 @@ def run_all(args: argparse.Namespace, say=print) -> Results:
     say("prior_held_out_accuracy " + " ".join(f"{k} {v:.3f}" for k, v in info["held_out_accuracy"].items()))
     say("prior_seen_accuracy " + " ".join(f"{k} {v:.3f}" for k, v in info["seen_accuracy"].items()))
     say("detector_accuracy " + " ".join(f"{k} {v:.3f}" for k, v in detector_accuracy().items()))
+    base = load_prior(prior)
+    say("codec_round_trip_accuracy " + " ".join(f"{k} {v:.3f}" for k, v in codec_accuracy(base.vae).items()))
     root = Path(tempfile.mkdtemp(prefix="dco-quality-"))
     subject_dir = world.write_folder(root / "subject", world.subject_scenes(), token="<obj>")
     style_dir = world.write_folder(root / "style", [world.style_scene()])
     smp = Sampling(images=args.images)
-    base = load_prior(prior)
     base_drift = drift_images(base, smp, {})
     res = Results()
     methods = [m for m in METHODS if m.name in args.methods.split(",")]
