@@ -70,6 +70,12 @@ def read(image: Image.Image | np.ndarray) -> Reading:
     stripes = bool(near_stripe[~mask].mean() > 0.2)
     if mask.sum() < MIN_OBJECT_PIXELS:
         return Reading(background, None, None, None, False, stripes, 0.0)
+    # A blurred edge is the object's where it is more than halfway from the background to the object:
+    # the fixed distance above would dilate a blurred shape (and round a diamond into a circle).
+    dist = np.linalg.norm(arr - bg_rgb, axis=2)
+    halfway = mask & (dist > 0.5 * np.median(dist[mask]))
+    if halfway.sum() >= MIN_OBJECT_PIXELS:
+        mask = halfway
     ys, xs = np.nonzero(mask)
     position = min(POSITIONS, key=lambda p: abs(POSITIONS[p] - xs.mean()))
     colour, _ = _nearest(np.median(arr[mask], axis=0), {**COLOURS, **EXTRA_COLOURS})
