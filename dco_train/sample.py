@@ -233,6 +233,13 @@ class RGDenoiser:
         return rg_mix(e_neg, e_base, e_tok, s.cfg, s.rg)
 
 
+def latent_scale(vae: Any) -> int:
+    """Pixels per latent cell: 2 ** (levels - 1) of an AutoencoderKL (8 for SDXL's), 8 without a VAE."""
+    if vae is None or not hasattr(vae.config, "block_out_channels"):
+        return 8
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 @torch.no_grad()
 def rg_sample(
     comps: SDXLComponents, s: SampleSettings, word_map: dict[str, str] | None = None,
@@ -245,7 +252,8 @@ def rg_sample(
     scheduler = make_scheduler(s.scheduler, comps.scheduler.config)
     scheduler.set_timesteps(s.steps, device=denoiser.device)
     generator = torch.Generator().manual_seed(s.seed)
-    shape = (s.num_images, comps.unet.config.in_channels, s.height // 8, s.width // 8)
+    f = latent_scale(comps.vae)
+    shape = (s.num_images, comps.unet.config.in_channels, s.height // f, s.width // f)
     latents = torch.randn(shape, generator=generator).to(denoiser.device) * scheduler.init_noise_sigma
     # heun, lms, pndm and unipc take no generator (they add no noise in step())
     step_kw = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}

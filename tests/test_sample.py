@@ -82,6 +82,18 @@ def test_non_square_sizes_and_two_images(tiny, size):
     assert [im.size for im in images] == [(w, h), (w, h)]
 
 
+def test_a_vae_with_fewer_levels_samples_at_its_own_scale(tiny):
+    from diffusers import AutoencoderKL
+
+    from dco_train.tiny import VAE_CONFIG
+
+    tiny.vae = AutoencoderKL(**dict(VAE_CONFIG, down_block_types=("DownEncoderBlock2D",) * 2,
+                                    up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32)))
+    latents = rg_sample(tiny, SampleSettings(prompt="a dog", steps=1, width=32, height=48), output_type="latent")
+    assert latents.shape[-2:] == (24, 16)  # x2, not SDXL's x8
+    assert [im.size for im in rg_sample(tiny, SampleSettings(prompt="a dog", steps=1, width=32, height=48))] == [(32, 48)]
+
+
 def test_two_loras_merge_like_patched_weights(tiny, subject_dir, style_dir, tmp_path, tokenizer_dir):
     from dco_train.config import TrainConfig
 

@@ -1,0 +1,67 @@
+"""The synthetic world of bench/quality.py: its renderer, detectors and held-out split."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import world  # noqa: E402
+from world.detect import read  # noqa: E402
+
+
+def test_detectors_read_every_rendered_attribute_back():
+    import quality
+
+    acc = quality.detector_accuracy(n=120)
+    assert acc == {k: 1.0 for k in acc}, acc
+
+
+def test_detectors_read_shapes_and_the_subject_through_a_blur_like_a_codec():
+    import random
+
+    from PIL import ImageFilter
+
+    rng = random.Random(0)
+    scenes = world.training_scenes(40, 3) + [world.jitter(world.Scene(world.SUBJECT_SHAPE, "subject", bg, pos), rng)
+                                             for bg, pos in world.SUBJECT_NOVEL + world.SUBJECT_TRAIN]
+    readings = [read(world.render(s).filter(ImageFilter.GaussianBlur(1.0))) for s in scenes]
+    assert [r.shape for r in readings] == [s.shape for s in scenes]
+    assert [r.subject for r in readings] == [s.colour == "subject" for s in scenes]
+
+
+def test_held_out_pairs_never_appear_in_the_prior_training_set():
+    seen = {(s.shape, s.colour) for s in world.training_scenes(2000, 0)}
+    assert not seen & set(world.HELD_OUT)
+    assert {s for s in world.SHAPES} == {s for s, _ in seen} and set(world.COLOURS) == {c for _, c in seen}
+
+
+def test_the_subject_is_outside_the_prior_world_and_detected_only_as_itself():
+    subject = world.subject_scenes()[0]
+    assert read(world.render(subject)).subject
+    plain = world.Scene(world.SUBJECT_SHAPE, "red", subject.background, subject.position)
+    assert not read(world.render(plain)).subject  # the shape alone is not the subject: the two tones are
+    assert all(s.shape != world.SUBJECT_SHAPE for s in world.training_scenes(500, 1))
+
+
+def test_world_hash_changes_with_the_recipe():
+    assert world.world_hash({"steps": 1}) != world.world_hash({"steps": 2})
+    assert world.world_hash({"steps": 1}) == world.world_hash({"steps": 1})
+
+
+def test_the_prior_vae_starts_near_identity_and_its_latent_fits_the_unet():
+    import torch
+    from diffusers import AutoencoderKL
+
+    from dco_train.sample import latent_scale
+    from world.prior import Recipe, near_identity_, unet_config, vae_config
+
+    recipe = Recipe()
+    vae = AutoencoderKL(**vae_config(recipe))
+    assert unet_config(recipe)["sample_size"] * latent_scale(vae) == world.SIZE
+    block = vae.encoder.down_blocks[0].resnets[0]
+    x = torch.randn(1, block.conv1.in_channels, 8, 8)
+    assert not torch.allclose(block(x, None), x)
+    near_identity_(vae)
+    assert torch.allclose(block(x, None), x)  # every block is the identity until the codec trains
