@@ -56,10 +56,15 @@ def _embedding_folders() -> list[str]:
     return list(folder_paths.get_folder_paths("embeddings"))
 
 
+def _embeddings_named(file_name: str) -> list[str]:
+    """Paths of the embeddings files called `file_name`, in any embeddings folder or subfolder."""
+    return [_embedding_path(f) for f in _embedding_files() if Path(f).name == file_name]
+
+
 def find_embeddings(info: SubjectInfo, lora_name: str, lora_path: str) -> str:
     """The embeddings file a LoRA records: that file name in the embeddings folders (any
     subfolder) or next to the LoRA, whose sha256 is the recorded one."""
-    candidates = [_embedding_path(f) for f in _embedding_files() if Path(f).name == info.embeddings]
+    candidates = _embeddings_named(info.embeddings)
     beside = Path(lora_path).with_name(info.embeddings)
     if beside.is_file() and beside != Path(lora_path) and str(beside) not in candidates:
         candidates.append(str(beside))
@@ -184,7 +189,7 @@ class DCOLoadSubject(io.ComfyNode):
             for path in list(paths):
                 recorded = read_subject_metadata(read_metadata(path)).embeddings if embeddings == FROM_LORA else None
                 if recorded:
-                    paths += [_embedding_path(f) for f in _embedding_files() if Path(f).name == recorded]
+                    paths += _embeddings_named(recorded)
             for path in paths:
                 stat = os.stat(path)
                 parts.append(f"{stat.st_mtime_ns}:{stat.st_size}")
