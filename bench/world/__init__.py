@@ -1,12 +1,12 @@
 """A small synthetic world where every fidelity is exact: shapes x colours x backgrounds x positions.
 
-Images are 64x64: one flat-coloured object (circle, square, triangle, star) of one of five colours,
+Images are 32x32 (a 64x64 world trained too slowly on two cores): one flat-coloured object (circle, square, triangle, star) of one of five colours,
 centred left, middle or right, on a flat background of one of four colours, with a template caption
 ("a red star on a white background, on the left"). Some (shape, colour) pairs are held out of the
 prior's training set, so the prior's accuracy on them measures composition, not memory.
 
-The personalisation targets lie outside that world: the subject is a diamond (a shape the prior
-never saw) split into two tones, and the style is diagonal stripes on the background. The detectors
+The personalisation targets lie outside that world: the subject is a tall diamond (a shape the
+prior never saw) split into two tones, and the style is diagonal stripes on the background. The detectors
 in `detect` read the renderer's own rules back from the pixels.
 
 Everything is deterministic from a seed (`random.Random`), and this package needs only numpy and
@@ -26,13 +26,13 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageDraw
 
-SIZE = 64
-RADIUS = 11  # half the object's size in pixels
+SIZE = 32
+RADIUS = 6  # half the object's size in pixels
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 215, 40),
            "purple": (150, 60, 190)}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "pink": (250, 170, 200), "brown": (130, 85, 45)}
-POSITIONS = {"left": 16, "middle": 32, "right": 48}  # the object's centre x; y is the middle
+POSITIONS = {"left": 8, "middle": 16, "right": 24}  # the object's centre x; y is the middle
 POSITION_WORDS = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
 # One held-out colour per shape (a Latin square): each shape and each colour is seen, never together.
 HELD_OUT = (("circle", "red"), ("square", "green"), ("triangle", "blue"), ("star", "yellow"))
@@ -76,7 +76,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         s = r * 0.9
         return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
     if shape == "diamond":
-        return [(cx, cy - r * 1.2), (cx + r * 1.2, cy), (cx, cy + r * 1.2), (cx - r * 1.2, cy)]
+        return [(cx, cy - r * 1.5), (cx + r, cy), (cx, cy + r * 1.5), (cx - r, cy)]  # tall: a codec rounds a square one
     if shape == "triangle":
         return [(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]
     if shape == "star":
@@ -105,7 +105,7 @@ def render(scene: Scene) -> Image.Image:
     arr[:] = BACKGROUNDS[scene.background]
     if scene.stripes:
         yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-        arr[((xx + yy) // 4) % 2 == 0] = STYLE_STRIPE
+        arr[((xx + yy) // 3) % 2 == 0] = STYLE_STRIPE
     cx, cy = POSITIONS[scene.position] + scene.dx, SIZE // 2 + scene.dy
     mask = shape_mask(scene.shape, cx, cy)
     if scene.colour == "subject":
@@ -131,7 +131,7 @@ def all_scenes(held_out: bool) -> list[Scene]:
     return out
 
 
-def jitter(scene: Scene, rng: random.Random, amount: int = 2) -> Scene:
+def jitter(scene: Scene, rng: random.Random, amount: int = 1) -> Scene:
     return replace(scene, dx=rng.randint(-amount, amount), dy=rng.randint(-amount, amount))
 
 
@@ -149,7 +149,7 @@ def autoencoder_scenes(n: int, seed: int) -> list[Scene]:
     shapes = SHAPES + (SUBJECT_SHAPE,)
     colours = tuple(COLOURS) + tuple(EXTRA_COLOURS) + ("subject",)
     return [jitter(Scene(rng.choice(shapes), rng.choice(colours), rng.choice(tuple(BACKGROUNDS)),
-                         rng.choice(tuple(POSITIONS)), stripes=rng.random() < 0.3), rng, amount=4) for _ in range(n)]
+                         rng.choice(tuple(POSITIONS)), stripes=rng.random() < 0.3), rng, amount=2) for _ in range(n)]
 
 
 SUBJECT_TRAIN = (("white", "left"), ("black", "right"), ("pink", "middle"), ("white", "right"), ("black", "left"))

@@ -1,4 +1,4 @@
-"""Detectors that read the renderer's rules back from the pixels of one 64x64 image.
+"""Detectors that read the renderer's rules back from the pixels of one world image.
 
 The background is the most common border colour (snapped to the background palette), the object
 is every pixel far from the background and from the style's stripe colour, its position is the
@@ -18,7 +18,7 @@ from . import (BACKGROUNDS, COLOURS, EXTRA_COLOURS, POSITIONS, SHAPES, SIZE, STY
                SUBJECT_TONES, shape_mask)
 
 OBJECT_DISTANCE = 70.0  # RGB distance from the background beyond which a pixel is the object's
-MIN_OBJECT_PIXELS = 60  # a shape of radius 11 covers 190-400 pixels
+MIN_OBJECT_PIXELS = 15  # a shape of radius 6 covers 45-130 pixels
 
 
 @dataclass
