@@ -126,13 +126,8 @@ def drift_images(comps: Any, smp: Sampling, word_map: dict[str, str]) -> list[An
     return [im for i, s in enumerate(DRIFT_SCENES) for im in sample(comps, s.caption(), 2000 + i, 0.0, smp, word_map)]
 
 
-def scene_of(r: Any) -> tuple:
-    """What a reading says was drawn (its shape-overlap score left out: that differs on any change)."""
-    return (r.background, r.position, r.colour, r.shape, r.subject, r.stripes)
-
-
 def drift_scores(images: list[Any], base: list[Any]) -> dict[str, float]:
-    changed = [scene_of(read(a)) != scene_of(read(b)) for a, b in zip(images, base)]
+    changed = [read(a).scene() != read(b).scene() for a, b in zip(images, base)]
     pixel = [np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() / 255 for a, b in zip(images, base)]
     return {"drift": float(np.mean(changed)), "pixel": float(np.mean(pixel))}
 

@@ -1,9 +1,10 @@
 """A small synthetic world where every fidelity is exact: shapes x colours x backgrounds x positions.
 
-Images are 32x32 (a 64x64 world trained too slowly on two cores): one flat-coloured object (circle, square, triangle, star) of one of five colours,
-centred left, middle or right, on a flat background of one of four colours, with a template caption
-("a red star on a white background, on the left"). Some (shape, colour) pairs are held out of the
-prior's training set, so the prior's accuracy on them measures composition, not memory.
+Images are 32x32 (a 64x64 world trained too slowly on two cores): one flat-coloured object
+(circle, square, triangle, star) of one of five colours, centred left, middle or right, on a flat
+background of one of four colours, with a template caption ("a red star on a white background, on
+the left"). Some (shape, colour) pairs are held out of the prior's training set, so the
+prior's accuracy on them measures composition, not memory.
 
 The personalisation targets lie outside that world: the subject is a tall diamond (a shape the
 prior never saw) split into two tones, and the style is diagonal stripes on the background. The detectors

@@ -31,6 +31,10 @@ class Reading:
     stripes: bool
     iou: float
 
+    def scene(self) -> tuple:
+        """What was drawn, without the shape-overlap score (that differs on any change of pixels)."""
+        return (self.background, self.position, self.colour, self.shape, self.subject, self.stripes)
+
 
 def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> tuple[str, float]:
     names = list(palette)

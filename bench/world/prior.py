@@ -220,9 +220,11 @@ def train_unet(comps: Any, recipe: Recipe, say: Callable[[str], None]) -> None:
         for enc in comps.text_encoders:
             enc.requires_grad_(True).train()
         groups.append({"params": [p for e in comps.text_encoders for p in e.parameters()], "lr": recipe.text_lr})
-    else:
+    else:  # frozen encoders: encode each distinct caption once
+        unique = sorted(set(captions))
+        row = torch.tensor([unique.index(c) for c in captions])
         with torch.no_grad():
-            frozen = encode_prompts(comps.tokenizers, comps.text_encoders, captions)
+            frozen = encode_prompts(comps.tokenizers, comps.text_encoders, unique)
     sched = comps.training_scheduler()
     opt = torch.optim.AdamW(groups, weight_decay=1e-4)
     warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
@@ -244,7 +246,7 @@ def train_unet(comps: Any, recipe: Recipe, say: Callable[[str], None]) -> None:
             enc = encode_prompts(comps.tokenizers, comps.text_encoders, [captions[i] for i in idx.tolist()])
             embeds, pooled = enc.embeds, enc.pooled
         else:
-            embeds, pooled = frozen.embeds[idx], frozen.pooled[idx]
+            embeds, pooled = frozen.embeds[row[idx]], frozen.pooled[row[idx]]
         embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]
         pred = comps.unet(xt, t, encoder_hidden_states=embeds,
                           added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
