@@ -113,13 +113,14 @@ def sample(comps: Any, prompt: str, seed: int, rg: float, smp: Sampling, word_ma
 
 
 def subject_scores(comps: Any, rg: float, smp: Sampling, word_map: dict[str, str], prompts: int) -> dict[str, float]:
-    subj, prompt_ok = [], []
+    subj, pattern, prompt_ok = [], [], []
     for i, (bg, pos) in enumerate(world.SUBJECT_NOVEL[:prompts]):
         for im in sample(comps, world.Scene(world.SUBJECT_SHAPE, "subject", bg, pos).caption("<obj>"), 1000 + i, rg, smp, word_map):
             r = read(im)
             subj.append(r.subject)
+            pattern.append(r.pattern)
             prompt_ok.append(r.background == bg and r.position == pos)
-    return {"subject": float(np.mean(subj)), "prompt": float(np.mean(prompt_ok))}
+    return {"subject": float(np.mean(subj)), "pattern": float(np.mean(pattern)), "prompt": float(np.mean(prompt_ok))}
 
 
 def drift_images(comps: Any, smp: Sampling, word_map: dict[str, str]) -> list[Any]:
@@ -171,6 +172,24 @@ def interpolate_at(front: list[dict[str, float]], key: str, level: float) -> flo
     return float(np.mean(exact)) if exact else float("nan")
 
 
+def matched_fit(rows: list[dict[str, Any]], say=print) -> dict[str, dict[str, float]]:
+    """Each method's prompt fidelity and drift where its RG-0 learning-rate front reaches the highest
+    subject fidelity that every front reaches (the fronts' common range)."""
+    say("# matched fit: drift and prompt fidelity interpolated along each method's lr front (RG 0)")
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    fronts = {n: [r for r in rows if r["method"] == n and r["rg"] == 0] for n in names}
+    level = min(max(r["subject"] for r in f) for f in fronts.values())
+    if level < max(min(r["subject"] for r in f) for f in fronts.values()):
+        say("# the fronts share no range of subject fidelity: widen --lrs (nan below)")
+    say(f"matched_subject_fidelity {level:.3f}")
+    out = {}
+    for name, f in fronts.items():
+        out[name] = {k: interpolate_at(f, k, level) for k in ("prompt", "drift", "pixel")}
+        say(f"at_matched_fit {name} prompt {out[name]['prompt']:.3f} drift {out[name]['drift']:.3f} "
+            f"pixel {out[name]['pixel']:.4f}")
+    return out
+
+
 @dataclass
 class Results:
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -200,7 +219,7 @@ def run_all(args: argparse.Namespace, say=print) -> Results:
     base_drift = drift_images(base, smp, {})
     res = Results()
     methods = [m for m in METHODS if m.name in args.methods.split(",")]
-    say("method lr rg subject prompt drift pixel train_s")
+    say("method lr rg subject pattern prompt drift pixel train_s")
     loras: dict[tuple[str, float], tuple[Path, Path | None]] = {}
     for m in methods:
         for lr in args.lrs:
@@ -212,19 +231,11 @@ def run_all(args: argparse.Namespace, say=print) -> Results:
                 row = {"method": m.name, "lr": lr, "rg": rg, **subject_scores(comps, rg, smp, wm, args.prompts), **d,
                        "train_s": secs}
                 res.rows.append(row)
-                say(f"{m.name} {lr:g} {rg:g} {row['subject']:.3f} {row['prompt']:.3f} {d['drift']:.3f} {d['pixel']:.4f} {secs:.0f}")
-    say("# matched fit: drift and prompt fidelity interpolated along each method's lr front (RG 0)")
-    fronts = {m.name: [r for r in res.rows if r["method"] == m.name and r["rg"] == 0] for m in methods}
-    tops = [max(r["subject"] for r in f) for f in fronts.values() if f]
-    bottoms = [min(r["subject"] for r in f) for f in fronts.values() if f]
-    level = min(tops) if tops else 0.0
-    level = max(level, max(bottoms)) if bottoms and max(bottoms) <= level else level
-    say(f"matched_subject_fidelity {level:.3f}")
-    for name, f in fronts.items():
-        say(f"at_matched_fit {name} prompt {interpolate_at(f, 'prompt', level):.3f} drift {interpolate_at(f, 'drift', level):.3f} "
-            f"pixel {interpolate_at(f, 'pixel', level):.4f}")
+                say(f"{m.name} {lr:g} {rg:g} {row['subject']:.3f} {row['pattern']:.3f} {row['prompt']:.3f} {d['drift']:.3f} "
+                    f"{d['pixel']:.4f} {secs:.0f}")
+    matched_fit(res.rows, say)
     if args.merge:
-        say("merge lr subject style prompt")
+        say("merge lr subject pattern style prompt")
         lr = max(args.lrs)
         for m in [x for x in methods if x.ti and x.name in ("db+ti", "dco1000+ti")]:
             style = Method(m.name + "-style", m.beta, False)
@@ -232,21 +243,37 @@ def run_all(args: argparse.Namespace, say=print) -> Results:
                                          style=True)
             lora, emb = loras[(m.name, lr)]
             comps, wm = adapted(prior, [lora, style_lora], emb)
-            subj, sty, ok = [], [], []
+            subj, pat, sty, ok = [], [], [], []
             for i, p in enumerate(MERGE_PROMPTS):
                 bg, pos = world.SUBJECT_NOVEL[i]
                 for im in sample(comps, p, 3000 + i, 0.0, smp, wm):
                     r = read(im)
                     subj.append(r.subject)
+                    pat.append(r.pattern)
                     sty.append(r.stripes)
                     ok.append(r.background == bg and r.position == pos)
-            row = {"method": m.name, "lr": lr, "subject": float(np.mean(subj)), "style": float(np.mean(sty)),
+            row = {"method": m.name, "lr": lr, "subject": float(np.mean(subj)), "pattern": float(np.mean(pat)),
+                   "style": float(np.mean(sty)),
                    "prompt": float(np.mean(ok))}
             res.merge.append(row)
-            say(f"merge {m.name} {lr:g} {row['subject']:.3f} {row['style']:.3f} {row['prompt']:.3f}")
+            say(f"merge {m.name} {lr:g} {row['subject']:.3f} {row['pattern']:.3f} {row['style']:.3f} {row['prompt']:.3f}")
     say(f"total_seconds {time.time() - t_start:.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": res.rows, "merge": res.merge, "prior": info}, indent=1))
+    return res
+
+
+def from_json(paths: list[str], say=print) -> Results:
+    """The rows of earlier `--json` files, with the matched-fit comparison and merge table printed again."""
+    res = Results()
+    for path in paths:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        res.rows += data["rows"]
+        res.merge += data["merge"]
+    matched_fit(res.rows, say)
+    for row in res.merge:
+        say(f"merge {row['method']} {row['lr']:g} {row['subject']:.3f} {row['pattern']:.3f} {row['style']:.3f} "
+            f"{row['prompt']:.3f}")
     return res
 
 
@@ -298,8 +325,11 @@ def main() -> None:
     p.add_argument("--no-merge", dest="merge", action="store_false")
     p.add_argument("--plot", default=str(HERE.parent / "docs" / "quality_pareto.png"))
     p.add_argument("--json", default=None, help="also write every row here")
+    p.add_argument("--from-json", dest="from_json", default=None,
+                   help="comma-separated --json files of earlier runs (e.g. of methods split over processes): "
+                        "analyse and plot their rows together instead of running")
     args = p.parse_args()
-    res = run_all(args)
+    res = from_json(args.from_json.split(",")) if args.from_json else run_all(args)
     if args.plot:
         pareto_plot(res.rows, Path(args.plot))
         print(f"plot {args.plot}")

@@ -4,7 +4,8 @@ The background is the most common border colour (snapped to the background palet
 is every pixel far from the background and from the style's stripe colour, its position is the
 nearest slot to its centroid, its colour is the nearest palette colour to its median, and its
 shape is the template (rendered by the world's own `shape_mask`) with the best overlap. The subject
-is a diamond whose upper half is the first tone and lower half the second.
+is a diamond whose upper half is the first tone and lower half the second; its `pattern` is those
+two tones in that order, whatever the shape (a codec or a rough sample blurs shapes first).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Reading:
     subject: bool
     stripes: bool
     iou: float
+    pattern: bool = False  # the subject's two tones, top over bottom, in any shape
 
     def scene(self) -> tuple:
         """What was drawn, without the shape-overlap score (that differs on any change of pixels)."""
@@ -87,5 +89,5 @@ def read(image: Image.Image | np.ndarray) -> Reading:
     cy = (ys.min() + ys.max()) / 2
     top = _nearest(np.median(arr[mask & (np.arange(SIZE)[:, None] < cy)], axis=0), {**COLOURS, **EXTRA_COLOURS})[0]
     bottom = _nearest(np.median(arr[mask & (np.arange(SIZE)[:, None] > cy)], axis=0), {**COLOURS, **EXTRA_COLOURS})[0]
-    subject = shape == SUBJECT_SHAPE and (top, bottom) == SUBJECT_TONES
-    return Reading(background, position, colour, shape, subject, stripes, iou)
+    pattern = (top, bottom) == SUBJECT_TONES
+    return Reading(background, position, colour, shape, shape == SUBJECT_SHAPE and pattern, stripes, iou, pattern)
