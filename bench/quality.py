@@ -1,6 +1,6 @@
 """Measured personalisation quality on a synthetic world with a learned prior (bench/world/).
 
-    python bench/quality.py [--lrs 3e-4,1e-3] [--steps 150] [--images 3] [--plot docs/quality_pareto.png]
+    python bench/quality.py [--lrs 3e-4,1e-3,3e-3] [--steps 300] [--images 4] [--plot docs/quality_pareto.png]
 
 It builds the world's prior (or reuses ~/.cache/comfyui-dco/world/<hash>/), prints its held-out
 composition accuracy and the detectors' accuracy on rendered ground truth, then trains through
@@ -19,10 +19,12 @@ Then it compares methods at matched subject fidelity (each method's drift and pr
 interpolated along its learning-rate front at the same subject fidelity), runs the merge (a
 subject LoRA and a one-image style LoRA loaded together), and draws the Pareto plot.
 
-Status: the pipeline runs end to end at 32x32, the detectors read rendered images and codec round
-trips 100% right, and the default prior follows the caption's background, colour and mostly shape
-(held-out all-attribute accuracy 0.21) but not yet its position (0.42), which is half of `prompt`
-below; bench/world/prior.py has the numbers. So no quality claim is made from it yet.
+Measured on 2026-12-02 (README, "Quality"): DCO keeps the prior (prompt fidelity near the base
+model's, fewer unrelated scenes changed) but at RG 0 learns almost none of the subject in 300-1000
+steps, so the RG-0 fronts share no fit above the base model and no matched-fit claim is made;
+DCO beta 500 at RG 5 gave the best trade-off point. The defaults below are that run's; it takes
+about 25 minutes after the prior (or split --methods over two processes and join them with
+--from-json).
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ class Method:
     ti: bool
 
 
-METHODS = (Method("db+ti", 0.0, True), Method("dco500+ti", 500.0, True), Method("dco1000+ti", 1000.0, True),
-           Method("dco2000+ti", 2000.0, True), Method("db", 0.0, False), Method("dco1000", 1000.0, False))
+METHODS = (Method("db+ti", 0.0, True), Method("dco250+ti", 250.0, True), Method("dco500+ti", 500.0, True),
+           Method("dco1000+ti", 1000.0, True), Method("dco2000+ti", 2000.0, True), Method("db", 0.0, False), Method("dco1000", 1000.0, False))
 
 
 @dataclass
@@ -112,10 +114,11 @@ def sample(comps: Any, prompt: str, seed: int, rg: float, smp: Sampling, word_ma
     return rg_sample(comps, s, word_map)
 
 
-def subject_scores(comps: Any, rg: float, smp: Sampling, word_map: dict[str, str], prompts: int) -> dict[str, float]:
+def subject_scores(comps: Any, rg: float, smp: Sampling, word_map: dict[str, str], prompts: int,
+                   token: str = "<obj>") -> dict[str, float]:
     subj, pattern, prompt_ok = [], [], []
     for i, (bg, pos) in enumerate(world.SUBJECT_NOVEL[:prompts]):
-        for im in sample(comps, world.Scene(world.SUBJECT_SHAPE, "subject", bg, pos).caption("<obj>"), 1000 + i, rg, smp, word_map):
+        for im in sample(comps, world.Scene(world.SUBJECT_SHAPE, "subject", bg, pos).caption(token), 1000 + i, rg, smp, word_map):
             r = read(im)
             subj.append(r.subject)
             pattern.append(r.pattern)
@@ -159,32 +162,37 @@ def adapted(prior: Path, loras: list[Path], embeddings: Path | None):
     return comps, loaded.word_map
 
 
-def interpolate_at(front: list[dict[str, float]], key: str, level: float) -> float:
-    """`key` where the front (points sorted by subject fidelity) reaches subject fidelity `level`."""
-    pts = sorted(front, key=lambda r: r["subject"])
+def interpolate_at(front: list[dict[str, float]], key: str, level: float, fit: str = "subject") -> float:
+    """`key` where the front (points sorted by `fit`) reaches fidelity `level`."""
+    pts = sorted(front, key=lambda r: r[fit])
     for a, b in zip(pts, pts[1:]):
-        if a["subject"] <= level <= b["subject"]:
-            if b["subject"] == a["subject"]:
+        if a[fit] <= level <= b[fit]:
+            if b[fit] == a[fit]:
                 return (a[key] + b[key]) / 2
-            w = (level - a["subject"]) / (b["subject"] - a["subject"])
+            w = (level - a[fit]) / (b[fit] - a[fit])
             return a[key] + w * (b[key] - a[key])
-    exact = [p[key] for p in pts if p["subject"] == level]
+    exact = [p[key] for p in pts if p[fit] == level]
     return float(np.mean(exact)) if exact else float("nan")
 
 
-def matched_fit(rows: list[dict[str, Any]], say=print) -> dict[str, dict[str, float]]:
+def matched_fit(rows: list[dict[str, Any]], say=print, fit: str = "subject",
+                base: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
     """Each method's prompt fidelity and drift where its RG-0 learning-rate front reaches the highest
-    subject fidelity that every front reaches (the fronts' common range)."""
-    say("# matched fit: drift and prompt fidelity interpolated along each method's lr front (RG 0)")
+    `fit` fidelity that every front reaches (the fronts' common range). The base model, when given,
+    starts every front: it is each method at learning rate 0."""
+    say(f"# matched fit ({fit}): drift and prompt fidelity interpolated along each method's lr front (RG 0)")
     names = list(dict.fromkeys(r["method"] for r in rows))
-    fronts = {n: [r for r in rows if r["method"] == n and r["rg"] == 0] for n in names}
-    level = min(max(r["subject"] for r in f) for f in fronts.values())
-    if level < max(min(r["subject"] for r in f) for f in fronts.values()):
-        say("# the fronts share no range of subject fidelity: widen --lrs (nan below)")
-    say(f"matched_subject_fidelity {level:.3f}")
+    fronts = {n: [r for r in rows if r["method"] == n and r["rg"] == 0] + ([base] if base else []) for n in names}
+    level = min(max(r[fit] for r in f) for f in fronts.values())
+    if level < max(min(r[fit] for r in f) for f in fronts.values()):
+        say(f"# the fronts share no range of {fit} fidelity: widen --lrs (nan below)")
+    say(f"matched_{fit}_fidelity {level:.3f}")
+    if level <= (base[fit] if base else 0.0):
+        say(f"# some method's front never rises above the base model's {fit} fidelity: no matched comparison")
+        return {}
     out = {}
     for name, f in fronts.items():
-        out[name] = {k: interpolate_at(f, k, level) for k in ("prompt", "drift", "pixel")}
+        out[name] = {k: interpolate_at(f, k, level, fit) for k in ("prompt", "drift", "pixel")}
         say(f"at_matched_fit {name} prompt {out[name]['prompt']:.3f} drift {out[name]['drift']:.3f} "
             f"pixel {out[name]['pixel']:.4f}")
     return out
@@ -194,6 +202,7 @@ def matched_fit(rows: list[dict[str, Any]], say=print) -> dict[str, dict[str, fl
 class Results:
     rows: list[dict[str, Any]] = field(default_factory=list)
     merge: list[dict[str, Any]] = field(default_factory=list)
+    base: dict[str, float] | None = None  # the untrained prior on the subject prompts (every front's origin)
 
 
 def run_all(args: argparse.Namespace, say=print) -> Results:
@@ -218,6 +227,9 @@ def run_all(args: argparse.Namespace, say=print) -> Results:
     smp = Sampling(images=args.images)
     base_drift = drift_images(base, smp, {})
     res = Results()
+    res.base = {**subject_scores(base, 0.0, smp, {}, args.prompts, token="square"), "drift": 0.0, "pixel": 0.0}
+    say(f"base model (the token's init word 'square'): subject {res.base['subject']:.3f} pattern {res.base['pattern']:.3f} "
+        f"prompt {res.base['prompt']:.3f}")
     methods = [m for m in METHODS if m.name in args.methods.split(",")]
     say("method lr rg subject pattern prompt drift pixel train_s")
     loras: dict[tuple[str, float], tuple[Path, Path | None]] = {}
@@ -233,7 +245,8 @@ def run_all(args: argparse.Namespace, say=print) -> Results:
                 res.rows.append(row)
                 say(f"{m.name} {lr:g} {rg:g} {row['subject']:.3f} {row['pattern']:.3f} {row['prompt']:.3f} {d['drift']:.3f} "
                     f"{d['pixel']:.4f} {secs:.0f}")
-    matched_fit(res.rows, say)
+    for fit in ("subject", "pattern"):
+        matched_fit(res.rows, say, fit, res.base)
     if args.merge:
         say("merge lr subject pattern style prompt")
         lr = max(args.lrs)
@@ -259,7 +272,7 @@ def run_all(args: argparse.Namespace, say=print) -> Results:
             say(f"merge {m.name} {lr:g} {row['subject']:.3f} {row['pattern']:.3f} {row['style']:.3f} {row['prompt']:.3f}")
     say(f"total_seconds {time.time() - t_start:.0f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": res.rows, "merge": res.merge, "prior": info}, indent=1))
+        Path(args.json).write_text(json.dumps({"rows": res.rows, "merge": res.merge, "base": res.base, "prior": info}, indent=1))
     return res
 
 
@@ -270,22 +283,25 @@ def from_json(paths: list[str], say=print) -> Results:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         res.rows += data["rows"]
         res.merge += data["merge"]
-    matched_fit(res.rows, say)
+        res.base = data.get("base") or res.base
+    for fit in ("subject", "pattern"):
+        matched_fit(res.rows, say, fit, res.base)
     for row in res.merge:
         say(f"merge {row['method']} {row['lr']:g} {row['subject']:.3f} {row['pattern']:.3f} {row['style']:.3f} "
             f"{row['prompt']:.3f}")
     return res
 
 
-def pareto_plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Subject fidelity (x) against prompt fidelity (y), one point per method x lr x RG scale."""
+def pareto_plot(rows: list[dict[str, Any]], path: Path, fit: str = "subject") -> None:
+    """`fit` fidelity (x) against prompt fidelity (y), one point per method x lr x RG scale."""
     from PIL import Image, ImageDraw
 
     W, H, M = 520, 380, 48
     im = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(im)
     d.rectangle((M, 16, W - 140, H - M), outline=(80, 80, 80))
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (23, 190, 207), (127, 127, 127)]
     names = list(dict.fromkeys(r["method"] for r in rows))
 
     def xy(s: float, p: float) -> tuple[float, float]:
@@ -296,12 +312,13 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path) -> None:
         _, y = xy(0, k / 10)
         d.text((x - 8, H - M + 4), f"{k / 10:.1f}", fill=(60, 60, 60))
         d.text((M - 28, y - 6), f"{k / 10:.1f}", fill=(60, 60, 60))
-    d.text((M + 60, H - 20), "subject fidelity (two-tone diamond present)", fill=(0, 0, 0))
+    label = "subject fidelity (two-tone diamond present)" if fit == "subject" else "pattern fidelity (the two tones present)"
+    d.text((M + 60, H - 20), label, fill=(0, 0, 0))
     d.text((4, 2), "prompt fidelity (background + position obeyed); dot size = RG 0,1,2,3,5", fill=(0, 0, 0))
     for i, name in enumerate(names):
         c = colours[i % len(colours)]
         for lr in sorted({r["lr"] for r in rows if r["method"] == name}):
-            pts = [xy(r["subject"], r["prompt"]) for r in rows if r["method"] == name and r["lr"] == lr]
+            pts = [xy(r[fit], r["prompt"]) for r in rows if r["method"] == name and r["lr"] == lr]
             d.line(pts, fill=c, width=1)
             for j, (x, y) in enumerate(pts):
                 rad = 2 + j
@@ -314,10 +331,10 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lrs", type=lambda s: [float(x) for x in s.split(",")], default=[3e-4, 1e-3])
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--images", type=int, default=3, help="samples per prompt")
-    p.add_argument("--prompts", type=int, default=4, help="novel subject prompts (of 6)")
+    p.add_argument("--lrs", type=lambda s: [float(x) for x in s.split(",")], default=[3e-4, 1e-3, 3e-3])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--images", type=int, default=4, help="samples per prompt")
+    p.add_argument("--prompts", type=int, default=6, help="novel subject prompts (of 6)")
     p.add_argument("--methods", default=",".join(m.name for m in METHODS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recipe", default="{}", help="prior recipe overrides as JSON (bench/world/prior.py Recipe)")
@@ -325,13 +342,15 @@ def main() -> None:
     p.add_argument("--no-merge", dest="merge", action="store_false")
     p.add_argument("--plot", default=str(HERE.parent / "docs" / "quality_pareto.png"))
     p.add_argument("--json", default=None, help="also write every row here")
+    p.add_argument("--fit", choices=("subject", "pattern"), default="subject",
+                   help="the plot's x axis: the whole subject (shape and tones) or only its two-tone pattern")
     p.add_argument("--from-json", dest="from_json", default=None,
                    help="comma-separated --json files of earlier runs (e.g. of methods split over processes): "
                         "analyse and plot their rows together instead of running")
     args = p.parse_args()
     res = from_json(args.from_json.split(",")) if args.from_json else run_all(args)
     if args.plot:
-        pareto_plot(res.rows, Path(args.plot))
+        pareto_plot(res.rows, Path(args.plot), args.fit)
         print(f"plot {args.plot}")
 
 
