@@ -22,15 +22,17 @@ subject LoRA and a one-image style LoRA loaded together), and draws the Pareto p
 Measured on 2026-12-02 (README, "Quality"): DCO keeps the prior (prompt fidelity near the base
 model's, fewer unrelated scenes changed) but at RG 0 learns almost none of the subject in 300-1000
 steps, so the RG-0 fronts share no fit above the base model and no matched-fit claim is made;
-DCO beta 500 at RG 5 gave the best trade-off point. The defaults below are that run's; it takes
-about 25 minutes after the prior (or split --methods over two processes and join them with
---from-json).
+DCO beta 500 at RG 5 gave the best trade-off point. The defaults below are that run's: about 30
+process-minutes after the prior, so about 15 minutes with the default 2 worker processes (`--jobs`).
+That run split --methods over three processes by hand and joined them with --from-json.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -66,7 +68,8 @@ class Method:
 
 
 METHODS = (Method("db+ti", 0.0, True), Method("dco250+ti", 250.0, True), Method("dco500+ti", 500.0, True),
-           Method("dco1000+ti", 1000.0, True), Method("dco2000+ti", 2000.0, True), Method("db", 0.0, False), Method("dco1000", 1000.0, False))
+           Method("dco1000+ti", 1000.0, True), Method("dco2000+ti", 2000.0, True), Method("db", 0.0, False),
+           Method("dco1000", 1000.0, False))
 
 
 @dataclass
@@ -205,6 +208,19 @@ class Results:
     base: dict[str, float] | None = None  # the untrained prior on the subject prompts (every front's origin)
 
 
+def method_run(task: tuple) -> tuple[list[dict[str, Any]], Path, Path | None]:
+    """One method at one learning rate: train, then score every RG scale (a worker process's job)."""
+    prior, subject_dir, out, m, lr, args, base_drift = task
+    torch.set_num_threads(args.threads)
+    smp = Sampling(images=args.images)
+    lora, emb, secs = train_run(prior, subject_dir, out, m, lr, args.steps, args.seed)
+    comps, wm = adapted(prior, [lora], emb)
+    d = drift_scores(drift_images(comps, smp, wm), base_drift)
+    rows = [{"method": m.name, "lr": lr, "rg": rg, **subject_scores(comps, rg, smp, wm, args.prompts), **d, "train_s": secs}
+            for rg in RGS]
+    return rows, lora, emb
+
+
 def run_all(args: argparse.Namespace, say=print) -> Results:
     torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -233,18 +249,14 @@ def run_all(args: argparse.Namespace, say=print) -> Results:
     methods = [m for m in METHODS if m.name in args.methods.split(",")]
     say("method lr rg subject pattern prompt drift pixel train_s")
     loras: dict[tuple[str, float], tuple[Path, Path | None]] = {}
-    for m in methods:
-        for lr in args.lrs:
-            lora, emb, secs = train_run(prior, subject_dir, root / f"{m.name}-{lr:g}", m, lr, args.steps, args.seed)
+    tasks = [(prior, subject_dir, root / f"{m.name}-{lr:g}", m, lr, args, base_drift) for m in methods for lr in args.lrs]
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for (m, lr), (rows, lora, emb) in zip([(t[3], t[4]) for t in tasks], pool.map(method_run, tasks)):
             loras[(m.name, lr)] = (lora, emb)
-            comps, wm = adapted(prior, [lora], emb)
-            d = drift_scores(drift_images(comps, smp, wm), base_drift)
-            for rg in RGS:
-                row = {"method": m.name, "lr": lr, "rg": rg, **subject_scores(comps, rg, smp, wm, args.prompts), **d,
-                       "train_s": secs}
-                res.rows.append(row)
-                say(f"{m.name} {lr:g} {rg:g} {row['subject']:.3f} {row['pattern']:.3f} {row['prompt']:.3f} {d['drift']:.3f} "
-                    f"{d['pixel']:.4f} {secs:.0f}")
+            res.rows += rows
+            for row in rows:
+                say(f"{m.name} {lr:g} {row['rg']:g} {row['subject']:.3f} {row['pattern']:.3f} {row['prompt']:.3f} "
+                    f"{row['drift']:.3f} {row['pixel']:.4f} {row['train_s']:.0f}")
     for fit in ("subject", "pattern"):
         matched_fit(res.rows, say, fit, res.base)
     if args.merge:
@@ -338,7 +350,8 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(m.name for m in METHODS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recipe", default="{}", help="prior recipe overrides as JSON (bench/world/prior.py Recipe)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (2 on 2 shared cores thrashed)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (2 on 2 shared cores thrashed)")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes that train and score the methods side by side")
     p.add_argument("--no-merge", dest="merge", action="store_false")
     p.add_argument("--plot", default=str(HERE.parent / "docs" / "quality_pareto.png"))
     p.add_argument("--json", default=None, help="also write every row here")

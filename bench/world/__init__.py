@@ -4,10 +4,10 @@ Images are 32x32 (a 64x64 world trained too slowly on two cores): one flat-colou
 (circle, square, triangle, star) of one of five colours, centred left, middle or right, on a flat
 background of one of four colours, with a template caption that names the position first ("on the
 left, a red star on a white background"). The prior's text encoders are random and causal, so a
-word said last is mixed into its context: a position named last moved the embeddings less than half
-as much as a colour named early, and the prior ignored it (the same image for all three positions). Some
-(shape, colour) pairs are held out of the prior's training set, so the prior's accuracy on them
-measures composition, not memory.
+word said last is mixed into its context: a position named last moved the embeddings less than
+half as much as a colour named early, and the prior ignored it (the same image for all three
+positions). Some (shape, colour) pairs are held out of the prior's training set, so the prior's
+accuracy on them measures composition, not memory.
 
 The personalisation targets lie outside that world: the subject is a tall diamond (a shape the
 prior never saw) split into two tones, and the style is diagonal stripes on the background. The detectors
@@ -71,7 +71,8 @@ class Scene:
 def world_hash(extra: dict | None = None) -> str:
     """A hash of everything that defines the world (palettes, sizes, held-out pairs) plus `extra`."""
     spec = dict(size=SIZE, radius=RADIUS, shapes=SHAPES, colours=COLOURS, backgrounds=BACKGROUNDS,
-                positions=POSITIONS, caption=Scene("star", "red", "white", "left").caption(), held_out=HELD_OUT, subject=(SUBJECT_SHAPE, SUBJECT_TONES), extra=extra or {})
+                positions=POSITIONS, caption=Scene("star", "red", "white", "left").caption(), held_out=HELD_OUT,
+                subject=(SUBJECT_SHAPE, SUBJECT_TONES), extra=extra or {})
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
