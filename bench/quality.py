@@ -23,7 +23,7 @@ Measured on 2026-12-02 (README, "Quality"): DCO keeps the prior (prompt fidelity
 model's, fewer unrelated scenes changed) but at RG 0 learns almost none of the subject in 300-1000
 steps, so the RG-0 fronts share no fit above the base model and no matched-fit claim is made;
 DCO beta 500 at RG 5 gave the best trade-off point. The defaults below are that run's: about 30
-process-minutes after the prior, so about 15 minutes with the default 2 worker processes (`--jobs`).
+process-minutes after the prior, so an estimated 15 minutes with the default 2 worker processes (`--jobs`).
 That run split --methods over three processes by hand and joined them with --from-json.
 """
 
@@ -361,6 +361,11 @@ def main() -> None:
                    help="comma-separated --json files of earlier runs (e.g. of methods split over processes): "
                         "analyse and plot their rows together instead of running")
     args = p.parse_args()
+    if args.jobs < 1 or args.threads < 1:
+        p.error("--jobs and --threads must be 1 or more.")
+    missing = [f for f in (args.from_json or "").split(",") if f and not Path(f).is_file()]
+    if missing:
+        p.error(f"--from-json: {', '.join(missing)} not found; give files that an earlier run wrote with --json.")
     res = from_json(args.from_json.split(",")) if args.from_json else run_all(args)
     if args.plot:
         pareto_plot(res.rows, Path(args.plot), args.fit)
