@@ -281,11 +281,15 @@ def run_all(args: argparse.Namespace, say=print) -> Results:
                    "style": float(np.mean(sty)),
                    "prompt": float(np.mean(ok))}
             res.merge.append(row)
-            say(f"merge {m.name} {lr:g} {row['subject']:.3f} {row['pattern']:.3f} {row['style']:.3f} {row['prompt']:.3f}")
+            say(merge_line(row))
     say(f"total_seconds {time.time() - t_start:.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": res.rows, "merge": res.merge, "base": res.base, "prior": info}, indent=1))
     return res
+
+
+def merge_line(row: dict[str, Any]) -> str:
+    return f"merge {row['method']} {row['lr']:g} {row['subject']:.3f} {row['pattern']:.3f} {row['style']:.3f} {row['prompt']:.3f}"
 
 
 def from_json(paths: list[str], say=print) -> Results:
@@ -299,8 +303,7 @@ def from_json(paths: list[str], say=print) -> Results:
     for fit in ("subject", "pattern"):
         matched_fit(res.rows, say, fit, res.base)
     for row in res.merge:
-        say(f"merge {row['method']} {row['lr']:g} {row['subject']:.3f} {row['pattern']:.3f} {row['style']:.3f} "
-            f"{row['prompt']:.3f}")
+        say(merge_line(row))
     return res
 
 
