@@ -66,6 +66,21 @@ class Method:
     beta: float
     ti: bool
 
+    @classmethod
+    def parse(cls, name: str) -> "Method":
+        """`db`, `db+ti`, `dco<beta>` or `dco<beta>+ti` (e.g. `dco50+ti`): DreamBooth-LoRA is beta 0."""
+        core, ti = (name[:-3], True) if name.endswith("+ti") else (name, False)
+        if core == "db":
+            return cls(name, 0.0, ti)
+        try:
+            beta = float(core[3:]) if core.startswith("dco") else float("nan")
+        except ValueError:
+            beta = float("nan")
+        if not beta > 0:
+            raise ValueError(f"Unknown method {name!r}: use db, db+ti, dco<beta> or dco<beta>+ti with beta > 0, "
+                             "for example dco500+ti.")
+        return cls(name, beta, ti)
+
 
 METHODS = (Method("db+ti", 0.0, True), Method("dco250+ti", 250.0, True), Method("dco500+ti", 500.0, True),
            Method("dco1000+ti", 1000.0, True), Method("dco2000+ti", 2000.0, True), Method("db", 0.0, False),
@@ -77,6 +92,7 @@ class Sampling:
     cfg: float = 5.0
     steps: int = 15
     images: int = 3  # per prompt (one batch, one seed per prompt)
+    seed: int = 0  # added to every prompt's seed: another value draws an independent set of samples
 
 
 def detector_accuracy(n: int = 400, seed: int = 7) -> dict[str, float]:
@@ -121,7 +137,7 @@ def subject_scores(comps: Any, rg: float, smp: Sampling, word_map: dict[str, str
                    token: str = "<obj>") -> dict[str, float]:
     subj, pattern, prompt_ok = [], [], []
     for i, (bg, pos) in enumerate(world.SUBJECT_NOVEL[:prompts]):
-        for im in sample(comps, world.Scene(world.SUBJECT_SHAPE, "subject", bg, pos).caption(token), 1000 + i, rg, smp, word_map):
+        for im in sample(comps, world.Scene(world.SUBJECT_SHAPE, "subject", bg, pos).caption(token), smp.seed + 1000 + i, rg, smp, word_map):
             r = read(im)
             subj.append(r.subject)
             pattern.append(r.pattern)
@@ -130,7 +146,7 @@ def subject_scores(comps: Any, rg: float, smp: Sampling, word_map: dict[str, str
 
 
 def drift_images(comps: Any, smp: Sampling, word_map: dict[str, str]) -> list[Any]:
-    return [im for i, s in enumerate(DRIFT_SCENES) for im in sample(comps, s.caption(), 2000 + i, 0.0, smp, word_map)]
+    return [im for i, s in enumerate(DRIFT_SCENES) for im in sample(comps, s.caption(), smp.seed + 2000 + i, 0.0, smp, word_map)]
 
 
 def drift_scores(images: list[Any], base: list[Any]) -> dict[str, float]:
@@ -201,6 +217,54 @@ def matched_fit(rows: list[dict[str, Any]], say=print, fit: str = "subject",
     return out
 
 
+FRONT_LEVELS = (0.125, 0.25, 0.375, 0.5, 0.625)
+
+
+def family(method: str) -> str:
+    """`db`, `db+ti`, `dco` or `dco+ti`: a method with its beta dropped, so that beta is one more knob of
+    DCO's front (like lr and steps)."""
+    return ("db" if method.startswith("db") else "dco") + ("+ti" if method.endswith("+ti") else "")
+
+
+def point_name(r: dict[str, Any]) -> str:
+    steps = f", {r['steps']} steps" if "steps" in r else ""
+    return f"({r['method']}, lr {r['lr']:g}, RG {r['rg']:g}{steps})"
+
+
+def best_at_fit(rows: list[dict[str, Any]], say=print, fit: str = "pattern", levels: tuple[float, ...] = FRONT_LEVELS,
+                group=lambda r: r["method"], label: str = "front") -> dict[str, dict[float, dict[str, Any] | None]]:
+    """Each group's front read at matched fit, without interpolation: at each `fit` level, the point of
+    highest prompt fidelity among the group's points with at least that fit (None when none reaches it),
+    and the lowest drift among them. Groups are methods over their lr x RG points by default (the
+    paper's comparison: RG is a knob of the trade-off, like steps or lr), or method families at RG 0.
+    A best of noisy points is biased upward, the more points the more so: confirm a front's point on
+    independent samples (`--seed`, `--sample-seed`) before trusting it."""
+    say(f"# {label}: best prompt fidelity, and lowest drift, among each group's points with {fit} >= level "
+        "('-' = no point reaches it)")
+    names = list(dict.fromkeys(group(r) for r in rows))
+    out: dict[str, dict[float, dict[str, Any] | None]] = {n: {} for n in names}
+    for level in levels:
+        for n in names:
+            pts = [r for r in rows if group(r) == n and r[fit] >= level - 1e-9]
+            best = max(pts, key=lambda r: (r["prompt"], r[fit]), default=None)
+            out[n][level] = best
+            if best is None:
+                say(f"{label}_{fit}>={level:g} {n} -")
+                continue
+            calm = min(pts, key=lambda r: (r["drift"], r["pixel"]))
+            say(f"{label}_{fit}>={level:g} {n} prompt {best['prompt']:.3f} {point_name(best)} "
+                f"drift {calm['drift']:.3f} {point_name(calm)}")
+    return out
+
+
+def read_fronts(rows: list[dict[str, Any]], say=print, base: dict[str, float] | None = None) -> None:
+    """Every matched-fit reading of the rows: interpolated along RG-0 lr fronts, then the fronts' best points."""
+    for fit in ("subject", "pattern"):
+        matched_fit(rows, say, fit, base)
+        best_at_fit(rows, say, fit)
+        best_at_fit([r for r in rows if r["rg"] == 0], say, fit, group=lambda r: family(r["method"]), label="rg0_family")
+
+
 @dataclass
 class Results:
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -212,12 +276,13 @@ def method_run(task: tuple) -> tuple[list[dict[str, Any]], Path, Path | None]:
     """One method at one learning rate: train, then score every RG scale (a worker process's job)."""
     prior, subject_dir, out, m, lr, args, base_drift = task
     torch.set_num_threads(args.threads)
-    smp = Sampling(images=args.images)
+    smp = Sampling(images=args.images, seed=args.sample_seed)
     lora, emb, secs = train_run(prior, subject_dir, out, m, lr, args.steps, args.seed)
     comps, wm = adapted(prior, [lora], emb)
     d = drift_scores(drift_images(comps, smp, wm), base_drift)
-    rows = [{"method": m.name, "lr": lr, "rg": rg, **subject_scores(comps, rg, smp, wm, args.prompts), **d, "train_s": secs}
-            for rg in RGS]
+    rows = [{"method": m.name, "lr": lr, "steps": args.steps, "seed": args.seed, "sample_seed": args.sample_seed,
+             "rg": rg,
+             **subject_scores(comps, rg, smp, wm, args.prompts), **d, "train_s": secs} for rg in RGS]
     return rows, lora, emb
 
 
@@ -240,13 +305,13 @@ def run_all(args: argparse.Namespace, say=print) -> Results:
     root = Path(tempfile.mkdtemp(prefix="dco-quality-"))
     subject_dir = world.write_folder(root / "subject", world.subject_scenes(), token="<obj>")
     style_dir = world.write_folder(root / "style", [world.style_scene()])
-    smp = Sampling(images=args.images)
+    smp = Sampling(images=args.images, seed=args.sample_seed)
     base_drift = drift_images(base, smp, {})
     res = Results()
     res.base = {**subject_scores(base, 0.0, smp, {}, args.prompts, token="square"), "drift": 0.0, "pixel": 0.0}
     say(f"base model (the token's init word 'square'): subject {res.base['subject']:.3f} pattern {res.base['pattern']:.3f} "
         f"prompt {res.base['prompt']:.3f}")
-    methods = [m for m in METHODS if m.name in args.methods.split(",")]
+    methods = [Method.parse(n) for n in args.methods.split(",")]
     say("method lr rg subject pattern prompt drift pixel train_s")
     loras: dict[tuple[str, float], tuple[Path, Path | None]] = {}
     tasks = [(prior, subject_dir, root / f"{m.name}-{lr:g}", m, lr, args, base_drift) for m in methods for lr in args.lrs]
@@ -257,12 +322,14 @@ def run_all(args: argparse.Namespace, say=print) -> Results:
             for row in rows:
                 say(f"{m.name} {lr:g} {row['rg']:g} {row['subject']:.3f} {row['pattern']:.3f} {row['prompt']:.3f} "
                     f"{row['drift']:.3f} {row['pixel']:.4f} {row['train_s']:.0f}")
-    for fit in ("subject", "pattern"):
-        matched_fit(res.rows, say, fit, res.base)
+    read_fronts(res.rows, say, res.base)
+    skipped = [n for n in args.merge_methods.split(",") if n not in {m.name for m in methods}]
+    if args.merge and skipped:
+        say(f"# no merge for {', '.join(skipped)}: not in --methods")
     if args.merge:
         say("merge lr subject pattern style prompt")
         lr = max(args.lrs)
-        for m in [x for x in methods if x.ti and x.name in ("db+ti", "dco1000+ti")]:
+        for m in [x for x in methods if x.name in args.merge_methods.split(",")]:
             style = Method(m.name + "-style", m.beta, False)
             style_lora, _, _ = train_run(prior, style_dir, root / f"{style.name}-{lr:g}", style, lr, args.steps, args.seed,
                                          style=True)
@@ -271,7 +338,7 @@ def run_all(args: argparse.Namespace, say=print) -> Results:
             subj, pat, sty, ok = [], [], [], []
             for i, p in enumerate(MERGE_PROMPTS):
                 bg, pos = world.SUBJECT_NOVEL[i]
-                for im in sample(comps, p, 3000 + i, 0.0, smp, wm):
+                for im in sample(comps, p, smp.seed + 3000 + i, 0.0, smp, wm):
                     r = read(im)
                     subj.append(r.subject)
                     pat.append(r.pattern)
@@ -292,23 +359,58 @@ def merge_line(row: dict[str, Any]) -> str:
     return f"merge {row['method']} {row['lr']:g} {row['subject']:.3f} {row['pattern']:.3f} {row['style']:.3f} {row['prompt']:.3f}"
 
 
+SCORES = ("subject", "pattern", "prompt", "drift", "pixel")
+
+
+def pool_seeds(rows: list[dict[str, Any]], say=print) -> list[dict[str, Any]]:
+    """One row per (method, lr, steps, RG): the scores averaged over the runs' seeds (identical reruns
+    counted once), with `seeds` (how many) and `<score>_range` (lowest and highest seed's value)."""
+    unique = {tuple(r.get(k, 0) for k in ("method", "lr", "steps", "rg", "seed", "sample_seed")): r for r in rows}
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in unique.values():
+        groups.setdefault((r["method"], r["lr"], r.get("steps"), r["rg"]), []).append(r)
+    pooled = []
+    for g in groups.values():
+        row = {**g[0], "seeds": len(g)}
+        for k in SCORES:
+            vals = [r[k] for r in g]
+            row[k] = float(np.mean(vals))
+            row[k + "_range"] = (min(vals), max(vals))
+        pooled.append(row)
+    if any(r["seeds"] > 1 for r in pooled):
+        say("# pooled over seeds: method lr steps rg seeds, then each score as mean [lowest seed, highest seed]")
+        for r in pooled:
+            if r["seeds"] > 1:
+                say(f"pooled {r['method']} {r['lr']:g} {r.get('steps')} {r['rg']:g} {r['seeds']} " + " ".join(
+                    f"{k} {r[k]:.3f} [{r[k + '_range'][0]:.3f}, {r[k + '_range'][1]:.3f}]" for k in SCORES))
+    return pooled
+
+
 def from_json(paths: list[str], say=print) -> Results:
-    """The rows of earlier `--json` files, with the matched-fit comparison and merge table printed again."""
+    """The rows of earlier `--json` files, with the matched-fit comparison and merge table printed again.
+    Runs of the same settings at other seeds are pooled first (`pool_seeds`)."""
     res = Results()
+    bases = {}
     for path in paths:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         res.rows += data["rows"]
         res.merge += data["merge"]
-        res.base = data.get("base") or res.base
-    for fit in ("subject", "pattern"):
-        matched_fit(res.rows, say, fit, res.base)
+        if data.get("base"):
+            bases[tuple(sorted(data["base"].items()))] = data["base"]  # one per set of sampling seeds
+    res.rows = pool_seeds(res.rows, say)
+    if bases:
+        res.base = {k: float(np.mean([b[k] for b in bases.values()])) for k in next(iter(bases.values()))}
+        say(f"base model over {len(bases)} sets of sampling seeds: "
+            + " ".join(f"{k} {v:.3f}" for k, v in res.base.items()))
+    read_fronts(res.rows, say, res.base)
     for row in res.merge:
         say(merge_line(row))
     return res
 
 
-def pareto_plot(rows: list[dict[str, Any]], path: Path, fit: str = "subject") -> None:
-    """`fit` fidelity (x) against prompt fidelity (y), one point per method x lr x RG scale."""
+def pareto_plot(rows: list[dict[str, Any]], path: Path, fit: str = "subject", base: dict[str, float] | None = None) -> None:
+    """`fit` fidelity (x) against prompt fidelity (y), one point per method x lr x RG scale; the base
+    model (every front's origin) as a black square."""
     from PIL import Image, ImageDraw
 
     W, H, M = 520, 380, 48
@@ -332,14 +434,21 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, fit: str = "subject") ->
     d.text((4, 2), "prompt fidelity (background + position obeyed); dot size = RG 0,1,2,3,5", fill=(0, 0, 0))
     for i, name in enumerate(names):
         c = colours[i % len(colours)]
-        for lr in sorted({r["lr"] for r in rows if r["method"] == name}):
-            pts = [xy(r[fit], r["prompt"]) for r in rows if r["method"] == name and r["lr"] == lr]
+        for run in dict.fromkeys((r["lr"], r.get("steps")) for r in rows if r["method"] == name):
+            run_rows = sorted((r for r in rows if r["method"] == name and (r["lr"], r.get("steps")) == run),
+                              key=lambda r: r["rg"])
+            pts = [xy(r[fit], r["prompt"]) for r in run_rows]
             d.line(pts, fill=c, width=1)
-            for j, (x, y) in enumerate(pts):
-                rad = 2 + j
+            for r, (x, y) in zip(run_rows, pts):
+                rad = 2 + (RGS.index(r["rg"]) if r["rg"] in RGS else 0)
                 d.ellipse((x - rad, y - rad, x + rad, y + rad), outline=c, width=2)
         d.rectangle((W - 130, 24 + 18 * i, W - 120, 34 + 18 * i), fill=c)
         d.text((W - 114, 22 + 18 * i), name, fill=(0, 0, 0))
+    if base:
+        x, y = xy(base[fit], base["prompt"])
+        d.rectangle((x - 4, y - 4, x + 4, y + 4), fill=(0, 0, 0))
+        d.rectangle((W - 130, 24 + 18 * len(names), W - 120, 34 + 18 * len(names)), fill=(0, 0, 0))
+        d.text((W - 114, 22 + 18 * len(names)), "base model", fill=(0, 0, 0))
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path, optimize=True)
 
@@ -350,12 +459,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--images", type=int, default=4, help="samples per prompt")
     p.add_argument("--prompts", type=int, default=6, help="novel subject prompts (of 6)")
-    p.add_argument("--methods", default=",".join(m.name for m in METHODS))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default=",".join(m.name for m in METHODS),
+                   help="comma-separated: db, db+ti, dco<beta>, dco<beta>+ti (any beta > 0, e.g. dco50+ti)")
+    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--sample-seed", dest="sample_seed", type=int, default=0,
+                   help="offset of every sampling seed: rerun with another to check a point on independent samples")
     p.add_argument("--recipe", default="{}", help="prior recipe overrides as JSON (bench/world/prior.py Recipe)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (2 on 2 shared cores thrashed)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes that train and score the methods side by side")
     p.add_argument("--no-merge", dest="merge", action="store_false")
+    p.add_argument("--merge-methods", dest="merge_methods", default="db+ti,dco1000+ti",
+                   help="the methods (of --methods) whose subject LoRA, at the largest of --lrs, is merged with a style LoRA "
+                        "trained the same way")
     p.add_argument("--plot", default=str(HERE.parent / "docs" / "quality_pareto.png"))
     p.add_argument("--json", default=None, help="also write every row here")
     p.add_argument("--fit", choices=("subject", "pattern"), default="subject",
@@ -366,12 +481,16 @@ def main() -> None:
     args = p.parse_args()
     if args.jobs < 1 or args.threads < 1:
         p.error("--jobs and --threads must be 1 or more.")
+    try:
+        [Method.parse(n) for n in args.methods.split(",")]
+    except ValueError as e:
+        p.error(f"--methods: {e}")
     missing = [f for f in (args.from_json or "").split(",") if f and not Path(f).is_file()]
     if missing:
         p.error(f"--from-json: {', '.join(missing)} not found; give files that an earlier run wrote with --json.")
     res = from_json(args.from_json.split(",")) if args.from_json else run_all(args)
     if args.plot:
-        pareto_plot(res.rows, Path(args.plot), args.fit)
+        pareto_plot(res.rows, Path(args.plot), args.fit, res.base)
         print(f"plot {args.plot}")
 
 

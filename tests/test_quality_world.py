@@ -80,6 +80,62 @@ def test_drift_counts_a_changed_scene_and_not_a_slightly_different_drawing_of_th
     assert quality.drift_scores(moved, base)["drift"] == 1.0
 
 
+def test_method_names_give_any_beta_and_unknown_names_are_refused():
+    import pytest
+    import quality
+
+    assert quality.Method.parse("dco50+ti") == quality.Method("dco50+ti", 50.0, True)
+    assert quality.Method.parse("db") == quality.Method("db", 0.0, False)
+    assert all(quality.Method.parse(m.name) == m for m in quality.METHODS)
+    for bad in ("dco", "dco0", "dco-5+ti", "dbx", "lora"):
+        with pytest.raises(ValueError, match="Unknown method"):
+            quality.Method.parse(bad)
+    assert [quality.family(n) for n in ("dco25+ti", "dco2000", "db+ti", "db")] == ["dco+ti", "dco", "db+ti", "db"]
+
+
+def _row(method: str, pattern: float, prompt: float, rg: float = 0.0, lr: float = 1e-3) -> dict:
+    return {"method": method, "lr": lr, "rg": rg, "subject": 0.0, "pattern": pattern, "prompt": prompt,
+            "drift": 0.5, "pixel": 0.05}
+
+
+def test_best_at_fit_takes_each_methods_best_prompt_among_points_that_reach_the_fit():
+    import quality
+
+    rows = [_row("a", 0.1, 0.9), _row("a", 0.3, 0.4, rg=3), _row("a", 0.6, 0.2, rg=5), _row("b", 0.3, 0.6, rg=5)]
+    best = quality.best_at_fit(rows, say=lambda _: None, levels=(0.125, 0.25, 0.5))
+    assert best["a"][0.125]["prompt"] == 0.4  # the 0.9 point has too little fit to count
+    assert best["a"][0.5]["rg"] == 5
+    assert best["b"][0.25]["prompt"] == 0.6
+    assert best["b"][0.5] is None
+    by_family = quality.best_at_fit([_row("dco25", 0.4, 0.5), _row("dco500", 0.1, 0.7)], say=lambda _: None,
+                                    levels=(0.25,), group=lambda r: quality.family(r["method"]))
+    assert by_family["dco"][0.25]["method"] == "dco25"  # beta is one more knob of the family's front
+
+
+def test_pool_seeds_averages_other_seeds_and_counts_an_identical_rerun_once():
+    import quality
+
+    a = {**_row("db", 0.2, 0.4), "steps": 300, "seed": 0, "sample_seed": 0}
+    b = {**a, "seed": 1, "sample_seed": 100, "pattern": 0.6}
+    pooled = quality.pool_seeds([a, dict(a), b], say=lambda _: None)
+    assert len(pooled) == 1 and pooled[0]["seeds"] == 2
+    assert abs(pooled[0]["pattern"] - 0.4) < 1e-9 and pooled[0]["pattern_range"] == (0.2, 0.6)
+    other_lr = {**a, "lr": 3e-3}
+    assert len(quality.pool_seeds([a, other_lr], say=lambda _: None)) == 2
+
+
+def test_matched_fit_makes_no_claim_when_a_front_never_rises_above_the_base_model():
+    import quality
+
+    base = {"subject": 0.0, "pattern": 0.0, "prompt": 0.6, "drift": 0.0, "pixel": 0.0}
+    flat = [_row("db", 0.3, 0.3), _row("dco", 0.0, 0.6)]
+    assert quality.matched_fit(flat, say=lambda _: None, fit="pattern", base=base) == {}
+    both = [_row("db", 0.4, 0.2), _row("dco", 0.2, 0.6)]
+    out = quality.matched_fit(both, say=lambda _: None, fit="pattern", base=base)
+    assert abs(out["db"]["prompt"] - 0.4) < 1e-9  # halfway from the base (0.6) to (0.4, 0.2) at pattern 0.2
+    assert abs(out["dco"]["prompt"] - 0.6) < 1e-9
+
+
 QUICK_PRIOR = dict(vae_steps=500, unet_steps=400, unet_batch=16, train_images=1000)  # about 2.5-4.5 CPU-minutes
 QUICK_SEEDS = (0, 1, 2)
 
