@@ -386,14 +386,15 @@ def pool_seeds(rows: list[dict[str, Any]], say=print) -> list[dict[str, Any]]:
     return pooled
 
 
-def from_json(paths: list[str], say=print) -> Results:
+def from_json(paths: list[str], say=print, keep: dict[str, list] | None = None) -> Results:
     """The rows of earlier `--json` files, with the matched-fit comparison and merge table printed again.
-    Runs of the same settings at other seeds are pooled first (`pool_seeds`)."""
+    Runs of the same settings at other seeds are pooled first (`pool_seeds`); `keep` keeps only the rows
+    whose values are in its lists (e.g. {"lr": [1e-3]})."""
     res = Results()
     bases = {}
     for path in paths:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        res.rows += data["rows"]
+        res.rows += [r for r in data["rows"] if all(r.get(k) in v for k, v in (keep or {}).items())]
         res.merge += data["merge"]
         if data.get("base"):
             bases[tuple(sorted(data["base"].items()))] = data["base"]  # one per set of sampling seeds
@@ -455,12 +456,14 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, fit: str = "subject", ba
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lrs", type=lambda s: [float(x) for x in s.split(",")], default=[3e-4, 1e-3, 3e-3])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lrs", type=lambda s: [float(x) for x in s.split(",")], default=None,
+                   help="learning rates, each method's front (default 3e-4,1e-3,3e-3); with --from-json: keep only these")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 300); with --from-json: keep only these")
     p.add_argument("--images", type=int, default=4, help="samples per prompt")
     p.add_argument("--prompts", type=int, default=6, help="novel subject prompts (of 6)")
-    p.add_argument("--methods", default=",".join(m.name for m in METHODS),
-                   help="comma-separated: db, db+ti, dco<beta>, dco<beta>+ti (any beta > 0, e.g. dco50+ti)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated: db, db+ti, dco<beta>, dco<beta>+ti (any beta > 0, e.g. dco50+ti); default: "
+                        + ",".join(m.name for m in METHODS) + "; with --from-json: keep only these")
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--sample-seed", dest="sample_seed", type=int, default=0,
                    help="offset of every sampling seed: rerun with another to check a point on independent samples")
@@ -479,6 +482,13 @@ def main() -> None:
                    help="comma-separated --json files of earlier runs (e.g. of methods split over processes): "
                         "analyse and plot their rows together instead of running")
     args = p.parse_args()
+    keep = {"method": args.methods and args.methods.split(","), "lr": args.lrs,
+            "steps": None if args.steps is None else [args.steps]}
+    args.lrs = [3e-4, 1e-3, 3e-3] if args.lrs is None else args.lrs
+    args.steps = 300 if args.steps is None else args.steps
+    args.methods = args.methods or ",".join(m.name for m in METHODS)
+    if args.steps < 1 or min(args.lrs, default=0) <= 0:
+        p.error("--steps must be 1 or more and --lrs a comma-separated list of learning rates above 0.")
     if args.jobs < 1 or args.threads < 1:
         p.error("--jobs and --threads must be 1 or more.")
     try:
@@ -488,7 +498,10 @@ def main() -> None:
     missing = [f for f in (args.from_json or "").split(",") if f and not Path(f).is_file()]
     if missing:
         p.error(f"--from-json: {', '.join(missing)} not found; give files that an earlier run wrote with --json.")
-    res = from_json(args.from_json.split(",")) if args.from_json else run_all(args)
+    if args.from_json:
+        res = from_json(args.from_json.split(","), keep={k: v for k, v in keep.items() if v})
+    else:
+        res = run_all(args)
     if args.plot:
         pareto_plot(res.rows, Path(args.plot), args.fit, res.base)
         print(f"plot {args.plot}")
