@@ -19,12 +19,12 @@ Then it compares methods at matched subject fidelity (each method's drift and pr
 interpolated along its learning-rate front at the same subject fidelity), runs the merge (a
 subject LoRA and a one-image style LoRA loaded together), and draws the Pareto plot.
 
-Measured on 2026-12-02 (README, "Quality"): DCO keeps the prior (prompt fidelity near the base
-model's, fewer unrelated scenes changed) but at RG 0 learns almost none of the subject in 300-1000
-steps, so the RG-0 fronts share no fit above the base model and no matched-fit claim is made;
-DCO beta 500 at RG 5 gave the best trade-off point. The defaults below are that run's: about 30
-process-minutes after the prior, so an estimated 15 minutes with the default 2 worker processes (`--jobs`).
-That run split --methods over three processes by hand and joined them with --from-json.
+Measured on 2026-12-03 (README, "Quality"), pooled over 5 training seeds (`--seed`, each sampled on
+its own `--sample-seed`, joined with --from-json): at matched pattern fidelity, read along each
+method's RG front, DCO at beta 50 keeps higher prompt fidelity than DreamBooth-LoRA, and its LoRA
+drifts less; at RG 0 DCO draws little of the subject, and beta 250-1000 barely fit in 300 steps. One
+seed is noisy: confirm a point on other seeds before trusting it. The defaults below take about
+17 minutes with the prior cached (about 35 on a first run) and the default 2 worker processes (`--jobs`).
 """
 
 from __future__ import annotations
@@ -49,9 +49,11 @@ sys.path.insert(0, str(HERE.parent))
 
 import world  # noqa: E402
 from world.detect import read  # noqa: E402
+from dco_train.formats import atomic_write  # noqa: E402
 from world.prior import Recipe, build_prior, codec_accuracy, prior_info  # noqa: E402
 
 RGS = (0.0, 1.0, 2.0, 3.0, 5.0)
+MERGE_RGS = (0.0, 3.0)  # DCO's subject shows mostly under reward guidance, so the merge is read with it too
 DRIFT_SCENES = (world.Scene("circle", "blue", "white", "left"), world.Scene("star", "red", "black", "right"),
                 world.Scene("triangle", "yellow", "brown", "middle"), world.Scene("square", "purple", "pink", "left"))
 MERGE_PROMPTS = [world.Scene(world.SUBJECT_SHAPE, "subject", bg, pos, stripes=True).caption("<obj>")
@@ -82,9 +84,7 @@ class Method:
         return cls(name, beta, ti)
 
 
-METHODS = (Method("db+ti", 0.0, True), Method("dco250+ti", 250.0, True), Method("dco500+ti", 500.0, True),
-           Method("dco1000+ti", 1000.0, True), Method("dco2000+ti", 2000.0, True), Method("db", 0.0, False),
-           Method("dco1000", 1000.0, False))
+METHODS = tuple(Method.parse(n) for n in ("db+ti", "db", "dco50+ti", "dco50", "dco250+ti", "dco1000+ti", "dco1000"))
 
 
 @dataclass
@@ -327,7 +327,7 @@ def run_all(args: argparse.Namespace, say=print) -> Results:
     if args.merge and skipped:
         say(f"# no merge for {', '.join(skipped)}: not in --methods")
     if args.merge:
-        say("merge lr subject pattern style prompt")
+        say("merge lr rg subject pattern style prompt")
         lr = max(args.lrs)
         for m in [x for x in methods if x.name in args.merge_methods.split(",")]:
             style = Method(m.name + "-style", m.beta, False)
@@ -335,28 +335,37 @@ def run_all(args: argparse.Namespace, say=print) -> Results:
                                          style=True)
             lora, emb = loras[(m.name, lr)]
             comps, wm = adapted(prior, [lora, style_lora], emb)
-            subj, pat, sty, ok = [], [], [], []
-            for i, p in enumerate(MERGE_PROMPTS):
-                bg, pos = world.SUBJECT_NOVEL[i]
-                for im in sample(comps, p, smp.seed + 3000 + i, 0.0, smp, wm):
-                    r = read(im)
-                    subj.append(r.subject)
-                    pat.append(r.pattern)
-                    sty.append(r.stripes)
-                    ok.append(r.background == bg and r.position == pos)
-            row = {"method": m.name, "lr": lr, "subject": float(np.mean(subj)), "pattern": float(np.mean(pat)),
-                   "style": float(np.mean(sty)),
-                   "prompt": float(np.mean(ok))}
-            res.merge.append(row)
-            say(merge_line(row))
+            for rg in MERGE_RGS:
+                row = {"method": m.name, "lr": lr, "steps": args.steps, "seed": args.seed, "rg": rg,
+                       **merge_scores(comps, wm, smp, rg)}
+                res.merge.append(row)
+                say(merge_line(row))
     say(f"total_seconds {time.time() - t_start:.0f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": res.rows, "merge": res.merge, "base": res.base, "prior": info}, indent=1))
+        text = json.dumps({"rows": res.rows, "merge": res.merge, "base": res.base, "prior": info}, indent=1)
+        atomic_write(args.json, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return res
 
 
+def merge_scores(comps: Any, word_map: dict[str, str], smp: Sampling, rg: float) -> dict[str, float]:
+    """The subject and the style LoRA loaded together: on the subject's novel prompts with the style
+    asked too, the share of samples with the subject, its pattern, the style's stripes, and the asked
+    background and position."""
+    subj, pat, sty, ok = [], [], [], []
+    for i, p in enumerate(MERGE_PROMPTS):
+        bg, pos = world.SUBJECT_NOVEL[i]
+        for im in sample(comps, p, smp.seed + 3000 + i, rg, smp, word_map):
+            r = read(im)
+            subj.append(r.subject)
+            pat.append(r.pattern)
+            sty.append(r.stripes)
+            ok.append(r.background == bg and r.position == pos)
+    return {"subject": float(np.mean(subj)), "pattern": float(np.mean(pat)), "style": float(np.mean(sty)),
+            "prompt": float(np.mean(ok))}
+
+
 def merge_line(row: dict[str, Any]) -> str:
-    return f"merge {row['method']} {row['lr']:g} {row['subject']:.3f} {row['pattern']:.3f} {row['style']:.3f} {row['prompt']:.3f}"
+    return f"merge {row['method']} {row['lr']:g} {row.get('rg', 0.0):g} {row['subject']:.3f} {row['pattern']:.3f} {row['style']:.3f} {row['prompt']:.3f}"
 
 
 SCORES = ("subject", "pattern", "prompt", "drift", "pixel")
@@ -396,8 +405,9 @@ def from_json(paths: list[str], say=print, keep: dict[str, list] | None = None) 
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         res.rows += [r for r in data["rows"] if all(r.get(k) in v for k, v in (keep or {}).items())]
         res.merge += data["merge"]
-        if data.get("base"):
-            bases[tuple(sorted(data["base"].items()))] = data["base"]  # one per set of sampling seeds
+        if data.get("base"):  # one per set of sampling seeds (files of older runs lack the seed: keyed by value)
+            seeds = {r.get("sample_seed") for r in data["rows"]} - {None}
+            bases[min(seeds) if seeds else tuple(sorted(data["base"].items()))] = data["base"]
     res.rows = pool_seeds(res.rows, say)
     if bases:
         res.base = {k: float(np.mean([b[k] for b in bases.values()])) for k in next(iter(bases.values()))}
@@ -431,7 +441,8 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, fit: str = "subject", ba
         d.text((x - 8, H - M + 4), f"{k / 10:.1f}", fill=(60, 60, 60))
         d.text((M - 28, y - 6), f"{k / 10:.1f}", fill=(60, 60, 60))
     label = "subject fidelity (two-tone diamond present)" if fit == "subject" else "pattern fidelity (the two tones present)"
-    d.text((M + 60, H - 20), label, fill=(0, 0, 0))
+    seeds = max((r.get("seeds", 1) for r in rows), default=1)
+    d.text((M + 60, H - 20), label + (f"; each point the mean of {seeds} seeds" if seeds > 1 else ""), fill=(0, 0, 0))
     d.text((4, 2), "prompt fidelity (background + position obeyed); dot size = RG 0,1,2,3,5", fill=(0, 0, 0))
     for i, name in enumerate(names):
         c = colours[i % len(colours)]
@@ -451,7 +462,7 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, fit: str = "subject", ba
         d.rectangle((W - 130, 24 + 18 * len(names), W - 120, 34 + 18 * len(names)), fill=(0, 0, 0))
         d.text((W - 114, 22 + 18 * len(names)), "base model", fill=(0, 0, 0))
     path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path, optimize=True)
+    atomic_write(path, lambda tmp: im.save(tmp, format="PNG", optimize=True))
 
 
 def main() -> None:
@@ -471,7 +482,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (2 on 2 shared cores thrashed)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes that train and score the methods side by side")
     p.add_argument("--no-merge", dest="merge", action="store_false")
-    p.add_argument("--merge-methods", dest="merge_methods", default="db+ti,dco1000+ti",
+    p.add_argument("--merge-methods", dest="merge_methods", default="db+ti,dco50+ti",
                    help="the methods (of --methods) whose subject LoRA, at the largest of --lrs, is merged with a style LoRA "
                         "trained the same way")
     p.add_argument("--plot", default=str(HERE.parent / "docs" / "quality_pareto.png"))
@@ -495,6 +506,9 @@ def main() -> None:
         [Method.parse(n) for n in args.methods.split(",")]
     except ValueError as e:
         p.error(f"--methods: {e}")
+    for flag, out in (("--json", args.json), ("--plot", args.plot)):
+        if out and not Path(out).resolve().parent.is_dir():
+            p.error(f"{flag}: the folder of {out} does not exist; create it first (checked now, not after the run).")
     missing = [f for f in (args.from_json or "").split(",") if f and not Path(f).is_file()]
     if missing:
         p.error(f"--from-json: {', '.join(missing)} not found; give files that an earlier run wrote with --json.")

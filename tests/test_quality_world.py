@@ -86,11 +86,13 @@ def test_method_names_give_any_beta_and_unknown_names_are_refused():
 
     assert quality.Method.parse("dco50+ti") == quality.Method("dco50+ti", 50.0, True)
     assert quality.Method.parse("db") == quality.Method("db", 0.0, False)
-    assert all(quality.Method.parse(m.name) == m for m in quality.METHODS)
     for bad in ("dco", "dco0", "dco-5+ti", "dbx", "lora"):
         with pytest.raises(ValueError, match="Unknown method"):
             quality.Method.parse(bad)
     assert [quality.family(n) for n in ("dco25+ti", "dco2000", "db+ti", "db")] == ["dco+ti", "dco", "db+ti", "db"]
+    # the default run compares each method with and without TI, and DCO at more than one beta
+    assert {quality.family(m.name) for m in quality.METHODS} == {"db", "db+ti", "dco", "dco+ti"}
+    assert len({m.beta for m in quality.METHODS if m.beta > 0}) >= 2
 
 
 def _row(method: str, pattern: float, prompt: float, rg: float = 0.0, lr: float = 1e-3) -> dict:
@@ -122,6 +124,21 @@ def test_pool_seeds_averages_other_seeds_and_counts_an_identical_rerun_once():
     assert abs(pooled[0]["pattern"] - 0.4) < 1e-9 and pooled[0]["pattern_range"] == (0.2, 0.6)
     other_lr = {**a, "lr": 3e-3}
     assert len(quality.pool_seeds([a, other_lr], say=lambda _: None)) == 2
+
+
+def test_from_json_averages_the_base_model_over_each_set_of_sampling_seeds_once(tmp_path):
+    import json
+
+    import quality
+
+    base = {"subject": 0.0, "pattern": 0.0, "prompt": 0.5, "drift": 0.0, "pixel": 0.0}
+    paths = []
+    for seed, prompt in ((0, 0.5), (100, 0.5), (200, 0.8)):  # equal scores on other seeds still count
+        row = {**_row("db", 0.2, 0.4), "steps": 300, "seed": seed, "sample_seed": seed}
+        paths.append(tmp_path / f"s{seed}.json")
+        paths[-1].write_text(json.dumps({"rows": [row], "merge": [], "base": {**base, "prompt": prompt}}))
+    res = quality.from_json([str(p) for p in paths + paths[:1]], say=lambda _: None)  # a file given twice counts once
+    assert abs(res.base["prompt"] - 0.6) < 1e-9
 
 
 def test_matched_fit_makes_no_claim_when_a_front_never_rises_above_the_base_model():
