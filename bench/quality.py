@@ -481,11 +481,12 @@ def main() -> None:
     p.add_argument("--recipe", default="{}", help="prior recipe overrides as JSON (bench/world/prior.py Recipe)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (2 on 2 shared cores thrashed)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes that train and score the methods side by side")
-    p.add_argument("--no-merge", dest="merge", action="store_false")
+    p.add_argument("--no-merge", dest="merge", action="store_false", help="skip the merge of subject and style LoRAs")
     p.add_argument("--merge-methods", dest="merge_methods", default="db+ti,dco50+ti",
                    help="the methods (of --methods) whose subject LoRA, at the largest of --lrs, is merged with a style LoRA "
                         "trained the same way")
-    p.add_argument("--plot", default=str(HERE.parent / "docs" / "quality_pareto.png"))
+    p.add_argument("--plot", default=str(HERE.parent / "docs" / "quality_pareto.png"),
+                   help="the Pareto plot PNG to write (default: the README's docs/quality_pareto.png); \"\" for none")
     p.add_argument("--json", default=None, help="also write every row here")
     p.add_argument("--fit", choices=("subject", "pattern"), default="subject",
                    help="the plot's x axis: the whole subject (shape and tones) or only its two-tone pattern")
