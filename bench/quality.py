@@ -49,8 +49,9 @@ sys.path.insert(0, str(HERE.parent))
 
 import world  # noqa: E402
 from world.detect import read  # noqa: E402
-from dco_train.formats import atomic_write  # noqa: E402
 from world.prior import Recipe, build_prior, codec_accuracy, prior_info  # noqa: E402
+
+from dco_train.formats import atomic_write  # noqa: E402
 
 RGS = (0.0, 1.0, 2.0, 3.0, 5.0)
 MERGE_RGS = (0.0, 3.0)  # DCO's subject shows mostly under reward guidance, so the merge is read with it too
@@ -133,16 +134,28 @@ def sample(comps: Any, prompt: str, seed: int, rg: float, smp: Sampling, word_ma
     return rg_sample(comps, s, word_map)
 
 
-def subject_scores(comps: Any, rg: float, smp: Sampling, word_map: dict[str, str], prompts: int,
-                   token: str = "<obj>") -> dict[str, float]:
-    subj, pattern, prompt_ok = [], [], []
-    for i, (bg, pos) in enumerate(world.SUBJECT_NOVEL[:prompts]):
-        for im in sample(comps, world.Scene(world.SUBJECT_SHAPE, "subject", bg, pos).caption(token), smp.seed + 1000 + i, rg, smp, word_map):
+def read_samples(comps: Any, prompts: list[tuple[str, str, str]], seed: int, rg: float, smp: Sampling,
+                 word_map: dict[str, str]) -> dict[str, float]:
+    """Sample each (caption, asked background, asked position) on seed `seed + i` and read the images:
+    the share showing the subject, its pattern, the style's stripes, and the asked background and position."""
+    subj, pattern, stripes, prompt_ok = [], [], [], []
+    for i, (caption, bg, pos) in enumerate(prompts):
+        for im in sample(comps, caption, seed + i, rg, smp, word_map):
             r = read(im)
             subj.append(r.subject)
             pattern.append(r.pattern)
+            stripes.append(r.stripes)
             prompt_ok.append(r.background == bg and r.position == pos)
-    return {"subject": float(np.mean(subj)), "pattern": float(np.mean(pattern)), "prompt": float(np.mean(prompt_ok))}
+    return {"subject": float(np.mean(subj)), "pattern": float(np.mean(pattern)), "style": float(np.mean(stripes)),
+            "prompt": float(np.mean(prompt_ok))}
+
+
+def subject_scores(comps: Any, rg: float, smp: Sampling, word_map: dict[str, str], prompts: int,
+                   token: str = "<obj>") -> dict[str, float]:
+    asked = [(world.Scene(world.SUBJECT_SHAPE, "subject", bg, pos).caption(token), bg, pos)
+             for bg, pos in world.SUBJECT_NOVEL[:prompts]]
+    scores = read_samples(comps, asked, smp.seed + 1000, rg, smp, word_map)
+    return {k: scores[k] for k in ("subject", "pattern", "prompt")}
 
 
 def drift_images(comps: Any, smp: Sampling, word_map: dict[str, str]) -> list[Any]:
@@ -348,20 +361,9 @@ def run_all(args: argparse.Namespace, say=print) -> Results:
 
 
 def merge_scores(comps: Any, word_map: dict[str, str], smp: Sampling, rg: float) -> dict[str, float]:
-    """The subject and the style LoRA loaded together: on the subject's novel prompts with the style
-    asked too, the share of samples with the subject, its pattern, the style's stripes, and the asked
-    background and position."""
-    subj, pat, sty, ok = [], [], [], []
-    for i, p in enumerate(MERGE_PROMPTS):
-        bg, pos = world.SUBJECT_NOVEL[i]
-        for im in sample(comps, p, smp.seed + 3000 + i, rg, smp, word_map):
-            r = read(im)
-            subj.append(r.subject)
-            pat.append(r.pattern)
-            sty.append(r.stripes)
-            ok.append(r.background == bg and r.position == pos)
-    return {"subject": float(np.mean(subj)), "pattern": float(np.mean(pat)), "style": float(np.mean(sty)),
-            "prompt": float(np.mean(ok))}
+    """The subject and the style LoRA loaded together, on the subject's novel prompts with the style asked too."""
+    asked = [(p, *world.SUBJECT_NOVEL[i]) for i, p in enumerate(MERGE_PROMPTS)]
+    return read_samples(comps, asked, smp.seed + 3000, rg, smp, word_map)
 
 
 def merge_line(row: dict[str, Any]) -> str:
